@@ -1,0 +1,81 @@
+"""After a store transition: send the events it implies, publish released dependents,
+and announce the finish when this transition won the claim.
+
+The claim itself is made inside the store's atomic transition (see
+:func:`baton_celery.stores.records.settle`): of all the processes settling a workflow's
+last steps, exactly one gets a ``Settlement.finish``, so exactly one announces it.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Callable
+
+from . import pubsub
+from .dispatch import publish_step
+from .events import CANCELLED, COMPLETED, DISCARDED, EXECUTING, RETRYABLE, SNOOZED, StepUpdated
+from .stores.records import Settlement, StepRecord
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+__all__ = ["announce", "emit_step"]
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_FAILED = "baton_celery: could not publish step %r of workflow %s; discarding it"
+
+_BROADCASTS: dict[str, Callable[..., StepUpdated]] = {
+    EXECUTING: pubsub.broadcast_step_started,
+    COMPLETED: pubsub.broadcast_step_completed,
+    RETRYABLE: pubsub.broadcast_step_retrying,
+    DISCARDED: pubsub.broadcast_step_discarded,
+    CANCELLED: pubsub.broadcast_step_cancelled,
+    SNOOZED: pubsub.broadcast_step_snoozed,
+}
+
+
+def emit_step(
+    state: str, workflow_id: str, label: str | None, step: StepRecord, error: str | None = None
+) -> None:
+    """Broadcast a StepUpdated for ``step`` in ``state`` (its error unless one is given)."""
+    _BROADCASTS[state](
+        workflow_id=workflow_id,
+        workflow_label=label,
+        step_name=step.name,
+        worker=step.task,
+        job_id=step.job_id,
+        attempt=step.attempt,
+        has_result=step.has_result,
+        error=error if error is not None else step.error,
+    )
+
+
+def announce(runtime: Runtime, out: Settlement) -> None:
+    """Act on a committed settlement: the step's own event, the cascade's events, the
+    released dependents, and the finish — in that order."""
+    wid, label = out.workflow_id, out.workflow_label
+    if out.applied and out.step is not None:
+        emit_step(out.step.state, wid, label, out.step)
+    for step in out.cancelled:
+        emit_step(CANCELLED, wid, label, step)
+    for step in out.released:
+        try:
+            publish_step(runtime.app, wid, label, step)
+        except Exception as exc:
+            # A dependent that cannot be sent would keep the workflow open forever.
+            logger.exception(PUBLISH_FAILED, step.name, wid)
+            error = runtime.error_text(f"could not be published: {type(exc).__name__}: {exc}")
+            announce(runtime, runtime.store.settle(wid, step.name, DISCARDED, error=error))
+    if out.finish is not None:
+        finish = out.finish
+        pubsub.broadcast_workflow_finished(
+            wid,
+            label,
+            finish.outcome,
+            finish.failed_steps,
+            total_count=finish.total_count,
+            duration=finish.duration,
+            timestamp=datetime.fromtimestamp(finish.finished_at, timezone.utc),
+        )

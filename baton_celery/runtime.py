@@ -1,0 +1,68 @@
+"""What baton keeps per installed Celery app: its configuration and its store."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from .config import Config
+from .stores import Store, store_from_url
+
+__all__ = ["Runtime", "runtime_for"]
+
+_runtimes: weakref.WeakKeyDictionary[Any, Runtime] = weakref.WeakKeyDictionary()
+
+
+class Runtime:
+    """An installed app's baton state. The store is built on first use, so each process
+    (including each prefork child, after the fork) builds its own connections."""
+
+    def __init__(self, app: Any, config: Config) -> None:
+        self.app = app
+        self.config = config
+        self._store: Store | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> Store:
+        store = self._store
+        if store is None:
+            with self._lock:
+                if self._store is None:
+                    configured: Any = self.app.conf.get("baton_store")
+                    if isinstance(configured, Store):
+                        self._store = configured
+                    else:
+                        self._store = store_from_url(
+                            self.config.store,
+                            timeout=self.config.store_timeout,
+                            retention=self.config.retention,
+                        )
+                store = self._store
+        return store
+
+    def error_text(self, exc: BaseException | str | None) -> str | None:
+        """``"ValueError: boom"``, cut to ``baton_max_error_length`` characters."""
+        if exc is None:
+            return None
+        text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        limit = self.config.max_error_length
+        return text if len(text) <= limit else text[: limit - 14] + "… [truncated]"
+
+
+def runtime_for(app: Any) -> Runtime | None:
+    """The runtime of an installed app, or None when baton is not installed on it."""
+    return _runtimes.get(app)
+
+
+def register(app: Any, runtime: Runtime) -> None:
+    _runtimes[app] = runtime
+
+
+def unregister(app: Any) -> Runtime | None:
+    return _runtimes.pop(app, None)
+
+
+def installed_apps() -> list[Any]:
+    return list(_runtimes.keys())

@@ -1,0 +1,49 @@
+"""Stores: where workflow state lives. One factory turns a URL into a backend."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from .base import RecordStore, Store, StoreError, UnknownWorkflow
+
+__all__ = ["RecordStore", "Store", "StoreError", "UnknownWorkflow", "store_from_url"]
+
+# scheme -> "module:Class", imported only when used.
+BACKENDS = {
+    "memory": "baton_celery.stores.memory:MemoryStore",
+    "sqlite": "baton_celery.stores.sqlite:SQLiteStore",
+}
+
+
+def _backend(scheme: str) -> Any:
+    try:
+        target = BACKENDS[scheme]
+    except KeyError:
+        known = ", ".join(f"{s}://" for s in sorted(BACKENDS))
+        raise ValueError(f"unknown baton store scheme {scheme!r}: use one of {known}") from None
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def store_from_url(url: str, **options: Any) -> Store:
+    """Build a store from a URL: ``memory://`` or ``sqlite:///path/to/file.sqlite3``
+    (``sqlite:////abs/path`` style absolute paths and ``sqlite:///relative`` both work).
+    ``options`` are passed to the backend (e.g. ``timeout``, ``retention``)."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ValueError(f"baton store must be a URL such as 'sqlite:///baton.sqlite3', got {url!r}")
+    parts = urlsplit(url)
+    cls = _backend(parts.scheme)
+    if parts.scheme == "memory":
+        store: Store = cls()  # nothing to configure: options only matter to other backends
+        return store
+    path = unquote(parts.path)
+    if parts.netloc:
+        raise ValueError(f"sqlite store URL takes no host: {url!r} (use sqlite:///path)")
+    # sqlite:///rel/file -> "rel/file"; sqlite:////abs/file -> "/abs/file"
+    path = path[1:] if path.startswith("/") else path
+    if not path:
+        raise ValueError(f"sqlite store URL needs a file path: {url!r}")
+    store = cls(path, **options)
+    return store

@@ -1,0 +1,118 @@
+"""The store contract: where workflow state lives, and the atomic transitions on it."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from typing import Any, Callable, TypeVar
+
+from . import records
+from .records import Gate, Settlement, StepRecord, WorkflowRecord
+
+__all__ = ["RecordStore", "Store", "StoreError", "UnknownWorkflow"]
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The store could not be reached or could not complete an operation."""
+
+
+class UnknownWorkflow(KeyError):
+    """No workflow with this id is stored (never created, or pruned after its retention)."""
+
+
+class Store(abc.ABC):
+    """Where workflows live. Every method is one atomic operation.
+
+    Contract (shared by every backend and checked by tests/test_store_contract.py):
+
+    - ``create`` stores a whole workflow or nothing, and refuses an id that exists.
+    - ``begin``, ``retrying``, ``settle`` and ``cancel`` each apply one transition from
+      :mod:`baton_celery.stores.records` atomically: of any number of racing callers
+      settling a workflow's last steps, exactly one gets ``Settlement.finish``.
+    - A step settles once: a second ``settle`` returns ``applied=False`` and changes nothing.
+    - Methods raise :class:`UnknownWorkflow` for an unknown id, :class:`StoreError` when
+      the backend fails, and never block for longer than the store's timeout.
+    """
+
+    #: Whether every process of a prefork worker sees the same state.
+    shared_across_processes: bool = True
+
+    @abc.abstractmethod
+    def create(self, record: WorkflowRecord) -> None: ...
+
+    @abc.abstractmethod
+    def load(self, workflow_id: str) -> WorkflowRecord: ...
+
+    @abc.abstractmethod
+    def locate(self, job_id: str) -> tuple[str, str] | None:
+        """The (workflow id, step name) a Celery task id belongs to, if any."""
+
+    @abc.abstractmethod
+    def begin(self, workflow_id: str, step: str, dispatch: int) -> Gate: ...
+
+    @abc.abstractmethod
+    def retrying(self, workflow_id: str, step: str, error: str | None) -> StepRecord | None: ...
+
+    @abc.abstractmethod
+    def settle(
+        self,
+        workflow_id: str,
+        step: str,
+        state: str,
+        *,
+        has_result: bool = False,
+        result: Any = None,
+        error: str | None = None,
+    ) -> Settlement: ...
+
+    @abc.abstractmethod
+    def cancel(self, workflow_id: str) -> Settlement: ...
+
+    def results(self, workflow_id: str, names: Iterable[str]) -> dict[str, Any]:
+        """The stored results of the named steps that completed with one."""
+        record = self.load(workflow_id)
+        return {
+            n: record.steps[n].result
+            for n in names
+            if record.steps[n].state == records.COMPLETED and record.steps[n].has_result
+        }
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the store may be used again afterwards."""
+
+
+class RecordStore(Store):
+    """A store that keeps each workflow as one record and transforms it under a lock or a
+    transaction: the transitions are written once, in :mod:`records`, for all such stores."""
+
+    @abc.abstractmethod
+    def _transform(self, workflow_id: str, change: Callable[[WorkflowRecord], T]) -> T:
+        """Load the record, apply ``change``, save it: all atomically."""
+
+    def begin(self, workflow_id: str, step: str, dispatch: int) -> Gate:
+        return self._transform(workflow_id, lambda r: records.begin(r, step, dispatch))
+
+    def retrying(self, workflow_id: str, step: str, error: str | None) -> StepRecord | None:
+        return self._transform(workflow_id, lambda r: records.mark_retrying(r, step, error))
+
+    def settle(
+        self,
+        workflow_id: str,
+        step: str,
+        state: str,
+        *,
+        has_result: bool = False,
+        result: Any = None,
+        error: str | None = None,
+    ) -> Settlement:
+        return self._transform(
+            workflow_id,
+            lambda r: records.settle(
+                r, step, state, has_result=has_result, result=result, error=error
+            ),
+        )
+
+    def cancel(self, workflow_id: str) -> Settlement:
+        return self._transform(workflow_id, records.cancel)
