@@ -51,7 +51,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ALL_TOPIC = "workflow:all"
-RECEIVER_FAILED = "baton_celery: receiver %r raised on %s for workflow %s; other receivers still run"
+RECEIVER_FAILED = (
+    "baton_celery: receiver %r raised on %s for workflow %s; other receivers still run"
+)
 
 Receiver = Callable[..., Any]
 

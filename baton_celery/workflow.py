@@ -21,8 +21,8 @@ import dataclasses
 import json
 import time
 import uuid
-from datetime import datetime, timezone
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from celery.canvas import Signature, _chain, chord, group
@@ -127,7 +127,9 @@ class Workflow:
                     publish_step(app, record.id, record.label, step)
                 except Exception as exc:
                     error = runtime.error_text(f"could not be published: {exc!r}")
-                    announce(runtime, runtime.store.settle(record.id, step.name, DISCARDED, error=error))
+                    announce(
+                        runtime, runtime.store.settle(record.id, step.name, DISCARDED, error=error)
+                    )
         return WorkflowHandle(record.id, app, label=record.label)
 
 
@@ -145,7 +147,9 @@ def _check_signature(step: _Step) -> None:
     try:
         json.dumps([sig.args, sig.kwargs])
     except (TypeError, ValueError) as exc:
-        raise WorkflowError(f"step {step.name!r}: arguments must be JSON-serializable: {exc}") from exc
+        raise WorkflowError(
+            f"step {step.name!r}: arguments must be JSON-serializable: {exc}"
+        ) from exc
 
 
 def _record(step: _Step) -> StepRecord:
@@ -180,7 +184,7 @@ def _find_cycle(graph: Mapping[str, tuple[str, ...]]) -> list[str] | None:
                 stack.pop()
             elif color[dep] == GREY:
                 # path runs root -> ... -> current, and current depends on dep.
-                return path[path.index(dep) :] + [dep]  # "a -> b -> a": a needs b needs a
+                return [*path[path.index(dep) :], dep]  # "a -> b -> a": a needs b needs a
             elif color[dep] == WHITE:
                 color[dep] = GREY
                 path.append(dep)

@@ -32,7 +32,9 @@ def store_from_url(url: str, **options: Any) -> Store:
     (``sqlite:////abs/path`` style absolute paths and ``sqlite:///relative`` both work).
     ``options`` are passed to the backend (e.g. ``timeout``, ``retention``)."""
     if not isinstance(url, str) or "://" not in url:
-        raise ValueError(f"baton store must be a URL such as 'sqlite:///baton.sqlite3', got {url!r}")
+        raise ValueError(
+            f"baton store must be a URL such as 'sqlite:///baton.sqlite3', got {url!r}"
+        )
     parts = urlsplit(url)
     cls = _backend(parts.scheme)
     if parts.scheme == "memory":

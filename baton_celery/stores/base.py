@@ -6,6 +6,7 @@ import abc
 from collections.abc import Iterable
 from typing import Any, Callable, TypeVar
 
+from ..events import COMPLETED
 from . import records
 from .records import Gate, Settlement, StepRecord, WorkflowRecord
 
@@ -76,7 +77,7 @@ class Store(abc.ABC):
         return {
             n: record.steps[n].result
             for n in names
-            if record.steps[n].state == records.COMPLETED and record.steps[n].has_result
+            if record.steps[n].state == COMPLETED and record.steps[n].has_result
         }
 
     def close(self) -> None:  # noqa: B027 - optional hook

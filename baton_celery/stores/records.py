@@ -194,7 +194,9 @@ def _claim_finish(record: WorkflowRecord, out: Settlement) -> None:
     )
 
 
-def _cancel_at_gate(record: WorkflowRecord, step: StepRecord, error: str, origin: str | None) -> Gate:
+def _cancel_at_gate(
+    record: WorkflowRecord, step: StepRecord, error: str, origin: str | None
+) -> Gate:
     out = Settlement(record.id, record.label, applied=True, step=step)
     _fail(step, CANCELLED, error, origin)
     _propagate(record, step, out)
