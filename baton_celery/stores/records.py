@@ -62,6 +62,7 @@ class StepRecord:
     result: Any = None
     error: str | None = None
     origin: str | None = None  # for a failed step: the step where the failure began
+    seq: int = 0  # the workflow-wide number of this step's latest event (see WorkflowRecord.seq)
 
     @property
     def settled(self) -> bool:
@@ -87,6 +88,9 @@ class WorkflowRecord:
     cancel_requested: bool = False
     outcome: str | None = None
     finished_at: float | None = None
+    # Every event a transition implies gets the next number, inside the same atomic update,
+    # so a receiver in another process can put one workflow's events back in order.
+    seq: int = 0
 
     @property
     def finished(self) -> bool:
@@ -94,6 +98,12 @@ class WorkflowRecord:
 
     def failed_steps(self) -> list[str]:
         return [s.name for s in self.steps.values() if s.state in FAILED]
+
+    def stamp(self, step: StepRecord) -> StepRecord:
+        """Give ``step``'s new state the workflow's next event number."""
+        self.seq += 1
+        step.seq = self.seq
+        return step
 
     def dependents(self, name: str) -> Iterator[StepRecord]:
         return (s for s in self.steps.values() if name in s.deps)
@@ -120,6 +130,7 @@ class Finish:
     total_count: int
     duration: float
     finished_at: float
+    seq: int  # numbered after every step event of the workflow
 
 
 @dataclasses.dataclass
@@ -175,7 +186,7 @@ def _propagate(record: WorkflowRecord, settled: StepRecord, out: Settlement) -> 
                 child.dispatch += 1
                 out.released.append(child)
                 continue
-            out.cancelled.append(child)
+            out.cancelled.append(record.stamp(child))
             stack.append(child)
 
 
@@ -185,12 +196,14 @@ def _claim_finish(record: WorkflowRecord, out: Settlement) -> None:
     failed = record.failed_steps()
     record.outcome = "failed" if failed else "completed"
     record.finished_at = time.time()
+    record.seq += 1
     out.finish = Finish(
         outcome=record.outcome,
         failed_steps=tuple(failed),
         total_count=len(record.steps),
         duration=max(0.0, record.finished_at - record.created_at),
         finished_at=record.finished_at,
+        seq=record.seq,
     )
 
 
@@ -199,6 +212,7 @@ def _cancel_at_gate(
 ) -> Gate:
     out = Settlement(record.id, record.label, applied=True, step=step)
     _fail(step, CANCELLED, error, origin)
+    record.stamp(step)
     _propagate(record, step, out)
     _claim_finish(record, out)
     return Gate(SKIP, step, out)
@@ -222,12 +236,12 @@ def begin(record: WorkflowRecord, name: str, dispatch: int) -> Gate:
         # Normally cascaded when the dependency settled; reached only by a stray message.
         return _cancel_at_gate(record, step, _cascade_reason(blocking), blocking.origin)
     if not all(d.settled for d in deps):
-        return Gate(SNOOZE, step)
+        return Gate(SNOOZE, record.stamp(step))
     step.state = EXECUTING
     step.dispatch = max(step.dispatch, dispatch)
     step.attempt += 1
     step.error = None
-    return Gate(RUN, step)
+    return Gate(RUN, record.stamp(step))
 
 
 def mark_retrying(record: WorkflowRecord, name: str, error: str | None) -> StepRecord | None:
@@ -237,7 +251,7 @@ def mark_retrying(record: WorkflowRecord, name: str, error: str | None) -> StepR
         return None
     step.state = RETRYABLE
     step.error = error
-    return step
+    return record.stamp(step)
 
 
 def settle(
@@ -263,6 +277,7 @@ def settle(
     step.error = error
     if state in FAILED:
         step.origin = step.name
+    record.stamp(step)
     _propagate(record, step, out)
     _claim_finish(record, out)
     return out
@@ -280,6 +295,6 @@ def cancel(record: WorkflowRecord) -> Settlement:
     for step in record.steps.values():
         if step.state == PENDING:
             _fail(step, CANCELLED, WORKFLOW_CANCELLED, None)
-            out.cancelled.append(step)
+            out.cancelled.append(record.stamp(step))
     _claim_finish(record, out)
     return out
