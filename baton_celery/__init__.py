@@ -20,6 +20,7 @@ Install it on your app, build a workflow, subscribe to its events::
 
 from .celery_hooks import install, uninstall
 from .events import STEP_STATES, Event, StepUpdated, WorkflowFinished, event_from_dict
+from .listener import Listener, listen
 from .pubsub import (
     broadcast_step_cancelled,
     broadcast_step_completed,
@@ -42,6 +43,7 @@ from .workflow import StepStatus, Workflow, WorkflowError, WorkflowHandle, Workf
 __all__ = [
     "STEP_STATES",
     "Event",
+    "Listener",
     "NotAStepError",
     "StepStatus",
     "StepUpdated",
@@ -63,6 +65,7 @@ __all__ = [
     "dependency_results",
     "event_from_dict",
     "install",
+    "listen",
     "store_from_url",
     "subscribe",
     "subscribe_all",

@@ -73,9 +73,9 @@ def on_task_prerun(sender: Any = None, task_id: Any = None, **_: Any) -> None:
         # Per-request (a Context), not per-task state: safe with concurrent requests.
         setattr(sender.request, GATE_ATTR, gate.decision)
         if gate.decision == RUN:
-            emit_step("executing", ident.workflow_id, ident.workflow_label, gate.step)
+            emit_step(runtime, "executing", ident.workflow_id, ident.workflow_label, gate.step)
         elif gate.decision == SNOOZE:
-            emit_step(SNOOZED, ident.workflow_id, ident.workflow_label, gate.step)
+            emit_step(runtime, SNOOZED, ident.workflow_id, ident.workflow_label, gate.step)
         elif gate.settlement is not None:
             announce(runtime, gate.settlement)
 
@@ -146,7 +146,7 @@ def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, *
         cause = getattr(reason, "exc", None) or reason
         step = runtime.store.retrying(ident.workflow_id, ident.step, runtime.error_text(cause))
         if step is not None:
-            emit_step("retryable", ident.workflow_id, ident.workflow_label, step)
+            emit_step(runtime, "retryable", ident.workflow_id, ident.workflow_label, step)
 
 
 def on_task_failure(

@@ -12,7 +12,7 @@ import logging
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
-from . import pubsub
+from . import bridge, pubsub
 from .dispatch import publish_step
 from .events import CANCELLED, COMPLETED, DISCARDED, EXECUTING, RETRYABLE, SNOOZED, StepUpdated
 from .stores.records import Settlement, StepRecord
@@ -37,10 +37,16 @@ _BROADCASTS: dict[str, Callable[..., StepUpdated]] = {
 
 
 def emit_step(
-    state: str, workflow_id: str, label: str | None, step: StepRecord, error: str | None = None
+    runtime: Runtime,
+    state: str,
+    workflow_id: str,
+    label: str | None,
+    step: StepRecord,
+    error: str | None = None,
 ) -> None:
-    """Broadcast a StepUpdated for ``step`` in ``state`` (its error unless one is given)."""
-    _BROADCASTS[state](
+    """Broadcast a StepUpdated for ``step`` in ``state`` (its error unless one is given),
+    and publish it on the broker bridge (numbered ``step.seq``) when that is on."""
+    event = _BROADCASTS[state](
         workflow_id=workflow_id,
         workflow_label=label,
         step_name=step.name,
@@ -50,6 +56,7 @@ def emit_step(
         has_result=step.has_result,
         error=error if error is not None else step.error,
     )
+    bridge.publish(runtime, event, step.seq)
 
 
 def announce(runtime: Runtime, out: Settlement) -> None:
@@ -57,9 +64,9 @@ def announce(runtime: Runtime, out: Settlement) -> None:
     released dependents, and the finish — in that order."""
     wid, label = out.workflow_id, out.workflow_label
     if out.applied and out.step is not None:
-        emit_step(out.step.state, wid, label, out.step)
+        emit_step(runtime, out.step.state, wid, label, out.step)
     for step in out.cancelled:
-        emit_step(CANCELLED, wid, label, step)
+        emit_step(runtime, CANCELLED, wid, label, step)
     for step in out.released:
         try:
             publish_step(runtime.app, wid, label, step)
@@ -70,7 +77,7 @@ def announce(runtime: Runtime, out: Settlement) -> None:
             announce(runtime, runtime.store.settle(wid, step.name, DISCARDED, error=error))
     if out.finish is not None:
         finish = out.finish
-        pubsub.broadcast_workflow_finished(
+        event = pubsub.broadcast_workflow_finished(
             wid,
             label,
             finish.outcome,
@@ -79,3 +86,4 @@ def announce(runtime: Runtime, out: Settlement) -> None:
             duration=finish.duration,
             timestamp=datetime.fromtimestamp(finish.finished_at, timezone.utc),
         )
+        bridge.publish(runtime, event, finish.seq)

@@ -18,6 +18,13 @@ def default_store_url(app: Any) -> str:
     return "sqlite:///" + os.path.join(tempfile.gettempdir(), f"baton_celery-{name}.sqlite3")
 
 
+def _flag(value: Any) -> bool:
+    """A boolean setting; strings such as "false" / "0" / "off" (from env vars) are False."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "0", "false", "no", "off")
+    return bool(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     store: str  # baton_store: a store URL
@@ -26,6 +33,15 @@ class Config:
     snooze_delay: float = 1.0  # baton_snooze_delay: seconds before a snoozed step retries
     max_error_length: int = 2000  # baton_max_error_length: events' error strings are cut here
     store_results: bool = True  # baton_store_results: keep results for dependency_results()
+    # The broker bridge (baton_celery.bridge / baton_celery.listener):
+    bridge: bool = False  # baton_bridge: also publish every event on the broker
+    bridge_exchange: str = "baton_celery.events"  # baton_bridge_exchange: the fanout's name
+    bridge_background: bool = True  # baton_bridge_background: publish from a thread
+    bridge_queue_size: int = 10000  # baton_bridge_queue_size: events queued per process
+    bridge_publish_retries: int = 2  # baton_bridge_publish_retries: per publish
+    bridge_flush_timeout: float = 2.0  # baton_bridge_flush_timeout: at process exit
+    bridge_reorder_window: float = 2.0  # baton_bridge_reorder_window: a listener holds a gap
+    bridge_max_message: int = 65536  # baton_bridge_max_message: bytes; larger are dropped
 
     @classmethod
     def from_app(cls, app: Any) -> Config:
@@ -42,6 +58,14 @@ class Config:
             snooze_delay=float(get("snooze_delay", cls.snooze_delay)),
             max_error_length=int(get("max_error_length", cls.max_error_length)),
             store_results=bool(get("store_results", cls.store_results)),
+            bridge=_flag(get("bridge", cls.bridge)),
+            bridge_exchange=str(get("bridge_exchange", cls.bridge_exchange)),
+            bridge_background=_flag(get("bridge_background", cls.bridge_background)),
+            bridge_queue_size=int(get("bridge_queue_size", cls.bridge_queue_size)),
+            bridge_publish_retries=int(get("bridge_publish_retries", cls.bridge_publish_retries)),
+            bridge_flush_timeout=float(get("bridge_flush_timeout", cls.bridge_flush_timeout)),
+            bridge_reorder_window=float(get("bridge_reorder_window", cls.bridge_reorder_window)),
+            bridge_max_message=int(get("bridge_max_message", cls.bridge_max_message)),
         )
         if config.max_error_length < 20:
             raise ValueError("baton_max_error_length must be at least 20")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -27,13 +28,19 @@ from typing import Any, NamedTuple
 
 from celery.canvas import Signature, _chain, chord, group
 
+from . import pubsub
 from .completion import announce
 from .dispatch import publish_step
 from .events import DISCARDED, EXECUTING, RETRYABLE, WorkflowFinished
+from .listener import listening
 from .runtime import Runtime, runtime_for
 from .stores.records import StepRecord, WorkflowRecord
 
 __all__ = ["StepStatus", "Workflow", "WorkflowError", "WorkflowHandle", "WorkflowStatus"]
+
+#: With a bridge listener running, how often (seconds) wait() re-reads the store anyway:
+#: events sent while the listener was reconnecting are not replayed, the store has them.
+LIVE_FALLBACK = 1.0
 
 
 class WorkflowError(ValueError):
@@ -259,20 +266,42 @@ class WorkflowHandle:
     def wait(self, timeout: float | None = None, interval: float = 0.25) -> WorkflowFinished:
         """Block until the workflow finished; return its WorkflowFinished event.
 
-        Reads the store (the source of truth, from any process), polling with a short
-        back-off up to ``interval`` seconds. Raises TimeoutError after ``timeout`` seconds.
+        Reads the store (the source of truth, from any process) first. Meanwhile it
+        listens on the workflow's topic: a live WorkflowFinished (sent in this process, or
+        received by a :func:`~baton_celery.listen` listener) ends the wait at once. With a
+        listener running for this app, the store is re-read only every
+        ``LIVE_FALLBACK`` seconds; otherwise it is polled with a short back-off up to
+        ``interval`` seconds. Raises TimeoutError after ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.01
-        while True:
-            record = self._load()
-            if record.finished and record.finished_at is not None:
-                return _finished_event(record)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"workflow {self.id} did not finish within {timeout} s")
-            remaining = None if deadline is None else deadline - time.monotonic()
-            time.sleep(min(pause, remaining) if remaining is not None else pause)
-            pause = min(pause * 2, interval)
+        arrived: list[WorkflowFinished] = []
+        woken = threading.Event()
+
+        def on_event(workflow_id: str, event: Any = None, **_: Any) -> None:
+            if isinstance(event, WorkflowFinished):
+                arrived.append(event)
+                woken.set()
+
+        pubsub.subscribe(self.id, on_event)
+        try:
+            while True:
+                record = self._load()
+                if record.finished and record.finished_at is not None:
+                    return _finished_event(record)
+                if arrived:
+                    return arrived[0]
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"workflow {self.id} did not finish within {timeout} s")
+                live = listening(self.app)
+                step = LIVE_FALLBACK if live else pause
+                if woken.wait(step if remaining is None else min(step, remaining)):
+                    return arrived[0]
+                if not live:
+                    pause = min(pause * 2, interval)
+        finally:
+            pubsub.unsubscribe(self.id, on_event)
 
     def cancel(self, terminate: bool = False) -> None:
         """Cancel the workflow: steps not yet published never will be, queued ones are

@@ -1,0 +1,344 @@
+"""The broker bridge, publishing side: every event a worker sends is also published on a
+kombu fanout exchange, so listeners in other processes receive it (see
+:mod:`baton_celery.listener`).
+
+Turn it on in the app's config::
+
+    app.conf.baton_bridge = True
+
+Each message is a small JSON envelope::
+
+    {"v": 1, "seq": 7, "origin": "<process token>", "event": {...event.to_dict()...}}
+
+``seq`` is the event's number within its workflow, assigned in the same atomic store
+update as the transition itself: a listener puts one workflow's events, sent by several
+processes, back in order with it. ``origin`` names the sending process, so a process that
+is both a worker and a listener does not deliver its own events twice.
+
+Publishing is transient (delivery mode 1) and bounded: by default a small background
+thread per process sends the envelopes from a bounded queue, so a task never waits for
+the broker; when the broker is slow or down, envelopes are dropped and logged, never
+retried for long.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from kombu.entity import Exchange
+from kombu.messaging import Producer
+
+from .events import Event
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .runtime import Runtime
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "Publisher",
+    "bridge_exchange",
+    "envelope",
+    "flush_all",
+    "process_token",
+    "publish",
+]
+
+logger = logging.getLogger(__name__)
+
+ENVELOPE_VERSION = 1
+
+PUBLISH_FAILED = (
+    "baton_celery: could not publish %d event(s) on the bridge exchange %r (%s); "
+    "they are dropped (listeners elsewhere miss them, the store still has the state)"
+)
+QUEUE_FULL = (
+    "baton_celery: the bridge's publish queue is full (%d events): dropping events; "
+    "is the broker down or too slow? (%d dropped so far)"
+)
+FLUSH_INCOMPLETE = "baton_celery: %d bridge event(s) not published before the process exit"
+
+#: How often (seconds) a repeated publishing problem is logged again.
+LOG_EVERY = 10.0
+
+
+def bridge_exchange(name: str) -> Exchange:
+    """The fanout exchange the bridge uses. Its flags are fixed: RabbitMQ refuses (406) a
+    second declaration of the same name with other flags, so every process must agree.
+    Not auto-deleted: a publisher may have declared it long before the next listener
+    comes, and publishing to an exchange that vanished fails with 404 on RabbitMQ."""
+    return Exchange(  # type: ignore[no-untyped-call]
+        name, type="fanout", durable=False, auto_delete=False, delivery_mode=1
+    )
+
+
+_token: tuple[int, str] | None = None
+
+
+def process_token() -> str:
+    """A token unique to this process (a new one after a fork)."""
+    global _token
+    pid = os.getpid()
+    if _token is None or _token[0] != pid:
+        _token = (pid, f"{uuid.uuid4().hex[:16]}-{pid}")
+    return _token[1]
+
+
+def envelope(event: Event, seq: int) -> dict[str, Any]:
+    """The JSON document one event travels in."""
+    return {"v": ENVELOPE_VERSION, "seq": seq, "origin": process_token(), "event": event.to_dict()}
+
+
+class _RateLimitedLog:
+    def __init__(self) -> None:
+        self._last = 0.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= LOG_EVERY:
+            self._last = now
+            return True
+        return False
+
+
+_STOP = object()
+
+
+class Publisher:
+    """Publishes envelopes for one app, from the calling thread or a background thread.
+
+    Everything that holds a connection or a thread is per process id: a prefork pool
+    child inherits none of its parent's (threads do not survive ``fork()``, and an
+    inherited AMQP socket must not be used nor closed by the child). The background
+    thread is started lazily on the first event of each process, and one FIFO queue per
+    process keeps that process's events in the order they were produced.
+    """
+
+    def __init__(self, app: Any, config: Config) -> None:
+        self.app = app
+        self.exchange = bridge_exchange(config.bridge_exchange)
+        self.background = config.bridge_background
+        self.queue_size = config.bridge_queue_size
+        self.flush_timeout = config.bridge_flush_timeout
+        self.retry_policy = {
+            "max_retries": config.bridge_publish_retries,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        }
+        self.dropped = 0
+        self.published = 0
+        self._pid = -1
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._conn: Any = None
+        self._producer: Any = None
+        self._fail_log = _RateLimitedLog()
+        self._full_log = _RateLimitedLog()
+        _publishers.add(self)
+
+    # --- per-process state ------------------------------------------------------------
+
+    def _adopt_process(self) -> None:
+        """Forget what the parent process had (after a fork): its queue, thread and
+        connection. The inherited connection is dropped, not closed: closing it would send
+        a close on a socket the parent still uses."""
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._queue = queue.Queue(maxsize=self.queue_size)
+            self._thread = None
+            self._conn = None
+            self._producer = None
+            self._pid = os.getpid()
+
+    def _ensure_thread(self) -> None:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="baton-bridge-publisher", daemon=True
+                )
+                self._thread.start()
+
+    # --- publishing -------------------------------------------------------------------
+
+    def publish(self, event: Event, seq: int) -> None:
+        """Hand one event over; never raises, never waits for the broker in background
+        mode (and at most the bounded retry policy otherwise)."""
+        if self._pid != os.getpid():
+            self._adopt_process()
+        body = envelope(event, seq)
+        if not self.background:
+            self._send([body])
+            return
+        self._ensure_thread()
+        try:
+            self._queue.put_nowait(body)
+        except queue.Full:
+            self.dropped += 1
+            if self._full_log.due():
+                logger.error(QUEUE_FULL, self.queue_size, self.dropped)
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            batch = [item]
+            # Take what else is waiting (bounded), so a burst costs one wake-up.
+            while len(batch) < 256:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(b is _STOP for b in batch)
+            bodies = [b for b in batch if b is not _STOP]
+            if bodies:
+                self._send(bodies)
+            for _ in batch:
+                q.task_done()
+            if stop:
+                return
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            self._conn = self.app.connection_for_write()
+            self._producer = Producer(  # type: ignore[no-untyped-call]
+                self._conn, exchange=self.exchange, auto_declare=False
+            )
+        return self._conn
+
+    def _send(self, bodies: list[dict[str, Any]]) -> None:
+        with self._send_lock:
+            sent = 0
+            try:
+                self._connection()
+                for body in bodies:
+                    self._producer.publish(
+                        json.dumps(body, separators=(",", ":")),
+                        exchange=self.exchange,
+                        routing_key="",
+                        # Declare on publish: on Redis an undeclared exchange is taken
+                        # for a direct one (the message lands in a list nobody reads);
+                        # on RabbitMQ a missing one closes the channel with 404.
+                        declare=[self.exchange],
+                        content_type="application/json",
+                        content_encoding="utf-8",
+                        delivery_mode=1,
+                        retry=True,
+                        retry_policy=self.retry_policy,
+                    )
+                    sent += 1
+            except Exception as exc:
+                lost = len(bodies) - sent
+                self.dropped += lost
+                if self._fail_log.due():
+                    logger.error(PUBLISH_FAILED, lost, self.exchange.name, exc)
+                self._reset_connection()
+            finally:
+                self.published += sent
+
+    def _reset_connection(self) -> None:
+        conn, self._conn, self._producer = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception:  # a broken connection may fail to close: it is gone anyway
+                logger.debug("baton_celery: closing a broken bridge connection", exc_info=True)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait (bounded) until this process's queued events are sent; True when all were.
+        Used at process exit, and by tests and benchmarks."""
+        if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+            return self._queue.unfinished_tasks == 0
+        timeout = self.flush_timeout if timeout is None else timeout
+        done = threading.Event()
+
+        def waiter() -> None:
+            self._queue.join()
+            done.set()
+
+        threading.Thread(target=waiter, name="baton-bridge-flush", daemon=True).start()
+        finished = done.wait(timeout)
+        if not finished:
+            logger.warning(FLUSH_INCOMPLETE, self._queue.unfinished_tasks)
+        return finished
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (bounded), stop the thread and release this process's connection."""
+        if self._pid != os.getpid():
+            return
+        self.flush(timeout)
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(_STOP)
+        with self._send_lock:
+            self._reset_connection()
+
+
+_publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
+_by_runtime: weakref.WeakKeyDictionary[Runtime, Publisher] = weakref.WeakKeyDictionary()
+_by_runtime_lock = threading.Lock()
+
+
+def publisher_for(runtime: Runtime) -> Publisher:
+    publisher = _by_runtime.get(runtime)
+    if publisher is None:
+        with _by_runtime_lock:
+            publisher = _by_runtime.get(runtime)
+            if publisher is None:
+                publisher = _by_runtime[runtime] = Publisher(runtime.app, runtime.config)
+    return publisher
+
+
+def publish(runtime: Runtime, event: Event, seq: int) -> None:
+    """Publish ``event`` (numbered ``seq`` in its workflow) when the app's bridge is on.
+
+    Never raises: a bridge failure is logged and must not reach the task."""
+    if not runtime.config.bridge:
+        return
+    try:
+        publisher_for(runtime).publish(event, seq)
+    except Exception:
+        logger.exception("baton_celery: bridge publish failed for workflow %s", event.workflow_id)
+
+
+def flush_all(timeout: float | None = None, **_: Any) -> None:
+    """Flush every publisher of this process, each bounded by its flush timeout (or
+    ``timeout``). Connected to Celery's worker_process_shutdown (prefork children leave
+    with ``os._exit``, skipping atexit) and worker_shutdown, and registered with atexit."""
+    for publisher in list(_publishers):
+        try:
+            publisher.close(timeout)
+        except Exception:
+            logger.exception("baton_celery: flushing the bridge failed")
+
+
+def _connect_exit_hooks() -> None:
+    from celery import signals
+
+    signals.worker_process_shutdown.connect(
+        flush_all, weak=False, dispatch_uid="baton_celery.bridge.flush_child"
+    )
+    signals.worker_shutdown.connect(
+        flush_all, weak=False, dispatch_uid="baton_celery.bridge.flush_main"
+    )
+    atexit.register(flush_all)
+
+
+_connect_exit_hooks()

@@ -1,0 +1,431 @@
+"""The broker bridge, receiving side: events of every worker, delivered to this process's
+topics.
+
+In a web app, a CLI or a notebook::
+
+    import baton_celery
+
+    baton_celery.subscribe_all(lambda workflow_id, event: print(event))
+    with baton_celery.listen(app):   # or: listener = baton_celery.listen(app); listener.stop()
+        handle = workflow.apply_async()
+        handle.wait(timeout=60)       # woken by the live WorkflowFinished
+
+:func:`listen` starts a background thread that consumes the bridge's fanout exchange
+(``baton_bridge_exchange``) through its own exclusive, auto-deleted queue over the app's
+broker, and re-sends each remote event through the local topics: the receivers given to
+:func:`~baton_celery.subscribe_all` and :func:`~baton_celery.subscribe` get them exactly
+as they get local ones. The workers must publish (``app.conf.baton_bridge = True``).
+
+What a receiver may rely on:
+
+- one workflow's events arrive in the order they happened (by the number each got in the
+  store's atomic transition), and its WorkflowFinished after all of its step events; a
+  missing number is waited for at most ``baton_bridge_reorder_window`` seconds, then the
+  events behind it are delivered and the gap is logged;
+- an event this process sent itself (it is also a worker) is not delivered twice;
+- receivers run in the listener's thread, one event at a time;
+- delivery is live only: events sent while the listener was not connected (before it was
+  ready, during a broker restart) are not replayed. The store stays the source of truth:
+  ``WorkflowHandle.status()`` / ``.wait()``.
+
+Only JSON is accepted; malformed, foreign or oversized messages are logged and dropped
+and the consumer carries on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections import OrderedDict
+from typing import Any, Callable
+
+from kombu.entity import Queue
+from kombu.messaging import Consumer, Producer
+
+from . import pubsub
+from .bridge import ENVELOPE_VERSION, bridge_exchange, process_token
+from .config import Config
+from .events import Event, WorkflowFinished, event_from_dict
+from .runtime import runtime_for
+
+__all__ = ["Listener", "Reorderer", "listen", "listening"]
+
+logger = logging.getLogger(__name__)
+
+DROPPED = "baton_celery: dropped a bridge message: %s"
+GAP = (
+    "baton_celery: workflow %s: event(s) %s never arrived within %.1f s; delivering the "
+    "events after them"
+)
+LATE = "baton_celery: workflow %s: event %d arrived after a later one was delivered; dropped"
+CONNECTION_LOST = (
+    "baton_celery: bridge listener lost its broker connection (%r); reconnecting in %.1f s"
+)
+NOT_READY = (
+    "baton_celery: bridge listener for %s is not connected after %.1f s; it keeps trying "
+    "in the background"
+)
+
+#: How long the consumer blocks for a message before it looks at its timers.
+TICK = 0.05
+
+
+# --- ordering ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Flow:
+    """One workflow's ordering state: the next number to deliver and what waits for it."""
+
+    next: int = 1
+    # seq -> (event or None for one already delivered here, ends the workflow, arrival)
+    held: dict[int, tuple[Event | None, bool, float]] = dataclasses.field(default_factory=dict)
+    seen: float = 0.0
+
+
+class Reorderer:
+    """Puts each workflow's events back in the order of their numbers.
+
+    ``push(seq, event)`` delivers at once what is next, holds what comes early, and drops
+    duplicates and stragglers (a number already passed). ``tick()`` delivers, after
+    ``window`` seconds, what waits behind a gap that was never filled. An event of
+    ``None`` marks a number as delivered without delivering anything (this process's own
+    events, already delivered locally). A workflow's state is forgotten once its
+    WorkflowFinished is delivered; at most ``max_workflows`` are tracked (the oldest is
+    flushed and forgotten first), and a workflow idle for ``idle_after`` seconds is
+    forgotten too.
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[Event], None],
+        window: float = 2.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_workflows: int = 100_000,
+        remember_finished: int = 10_000,
+        idle_after: float = 3600.0,
+    ) -> None:
+        self.deliver = deliver
+        self.window = window
+        self.clock = clock
+        self.max_workflows = max_workflows
+        self.remember_finished = remember_finished
+        self.idle_after = idle_after
+        self.flows: OrderedDict[str, _Flow] = OrderedDict()
+        self.finished: OrderedDict[str, None] = OrderedDict()
+        self.waiting: set[str] = set()  # workflows with held events
+        self.gaps = 0
+        self.dropped = 0
+        self._last_sweep = clock()
+
+    def push(self, workflow_id: str, seq: int, event: Event | None, final: bool = False) -> None:
+        """Take event number ``seq`` of a workflow; ``final`` marks its WorkflowFinished
+        (implied when ``event`` is one)."""
+        final = final or isinstance(event, WorkflowFinished)
+        now = self.clock()
+        if workflow_id in self.finished:
+            self._drop_late(workflow_id, seq)
+            return
+        flow = self.flows.get(workflow_id)
+        if flow is None:
+            flow = self.flows[workflow_id] = _Flow(seen=now)
+            if len(self.flows) > self.max_workflows:
+                self._forget(next(iter(self.flows)), flush=True)
+        else:
+            self.flows.move_to_end(workflow_id)
+        flow.seen = now
+        if seq < flow.next or seq in flow.held:
+            self._drop_late(workflow_id, seq)
+            return
+        if seq > flow.next:
+            flow.held[seq] = (event, final, now)
+            self.waiting.add(workflow_id)
+            return
+        if self._emit(workflow_id, flow, event, final):
+            self._drain(workflow_id, flow)
+
+    def tick(self) -> None:
+        """Deliver what waited longer than the window behind a gap; forget idle workflows."""
+        now = self.clock()
+        for workflow_id in list(self.waiting):
+            flow = self.flows.get(workflow_id)
+            if flow is None:
+                self.waiting.discard(workflow_id)
+                continue
+            while flow.held and now - min(h[2] for h in flow.held.values()) >= self.window:
+                first = min(flow.held)
+                self.gaps += 1
+                missing = f"{flow.next}" if first - flow.next == 1 else f"{flow.next}-{first - 1}"
+                logger.warning(GAP, workflow_id, missing, self.window)
+                flow.next = first
+                if not self._drain(workflow_id, flow):
+                    break  # finished and forgotten
+        if now - self._last_sweep >= min(self.idle_after, 60.0):
+            self._last_sweep = now
+            for workflow_id, flow in list(self.flows.items()):
+                if not flow.held and now - flow.seen >= self.idle_after:
+                    self._forget(workflow_id, flush=False)
+
+    def _drain(self, workflow_id: str, flow: _Flow) -> bool:
+        """Deliver the held events that are next in line; False once the flow is gone."""
+        while flow.next in flow.held:
+            event, final, _ = flow.held.pop(flow.next)
+            if not self._emit(workflow_id, flow, event, final):
+                return False
+        if not flow.held:
+            self.waiting.discard(workflow_id)
+        return True
+
+    def _emit(self, workflow_id: str, flow: _Flow, event: Event | None, final: bool) -> bool:
+        flow.next += 1
+        if event is not None:
+            self.deliver(event)
+        if final:
+            self._forget(workflow_id, flush=False)
+            self.finished[workflow_id] = None
+            if len(self.finished) > self.remember_finished:
+                self.finished.popitem(last=False)
+            return False
+        return True
+
+    def _forget(self, workflow_id: str, *, flush: bool) -> None:
+        flow = self.flows.pop(workflow_id, None)
+        self.waiting.discard(workflow_id)
+        if flow is not None and flush:
+            for seq in sorted(flow.held):
+                event = flow.held[seq][0]
+                if event is not None:
+                    self.deliver(event)
+
+    def _drop_late(self, workflow_id: str, seq: int) -> None:
+        self.dropped += 1
+        logger.info(LATE, workflow_id, seq)
+
+
+# --- the consumer --------------------------------------------------------------------
+
+_listeners: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Listener]] = weakref.WeakKeyDictionary()
+_listeners_lock = threading.Lock()
+
+
+def listening(app: Any) -> bool:
+    """Whether a listener for ``app`` is running (and connected) in this process."""
+    with _listeners_lock:
+        found = _listeners.get(app)
+        return any(listener.ready for listener in found) if found else False
+
+
+class Listener:
+    """A background consumer of the bridge's fanout exchange for one app.
+
+    Use :func:`listen` to start one. A context manager; :meth:`stop` ends it. The
+    counters (``received``, ``delivered``, ``malformed``, ``reconnects``) are for tests
+    and dashboards.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        exchange: str | None = None,
+        reorder_window: float | None = None,
+        max_message: int | None = None,
+        deliver: Callable[[Event], None] | None = None,
+    ) -> None:
+        runtime = runtime_for(app)
+        config = runtime.config if runtime is not None else Config.from_app(app)
+        self.app = app
+        self.exchange = bridge_exchange(exchange or config.bridge_exchange)
+        self.max_message = max_message or config.bridge_max_message
+        window = config.bridge_reorder_window if reorder_window is None else reorder_window
+        self.reorderer = Reorderer(self._deliver, window)
+        self._deliver_to = deliver or pubsub.broadcast
+        self.received = 0
+        self.delivered = 0
+        self.malformed = 0
+        self.reconnects = 0
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._probe: str | None = None
+        self._thread: threading.Thread | None = None
+        self._token = process_token()
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Connected, and its subscription proven live by its own probe message."""
+        return self._connected.is_set() and not self._stop.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the listener is connected and subscribed (True) or ``timeout``."""
+        return self._connected.wait(timeout)
+
+    def start(self) -> Listener:
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(target=self._run, name="baton-bridge-listener", daemon=True)
+        with _listeners_lock:
+            _listeners.setdefault(self.app, weakref.WeakSet()).add(self)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop consuming and close the connection (waits up to ``timeout`` seconds)."""
+        self._stop.set()
+        self._connected.clear()
+        with _listeners_lock:
+            found = _listeners.get(self.app)
+            if found is not None:
+                found.discard(self)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def __enter__(self) -> Listener:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                self._consume()
+                backoff = 0.2
+            except Exception as exc:
+                self._connected.clear()
+                if self._stop.is_set():
+                    break
+                self.reconnects += 1
+                logger.warning(CONNECTION_LOST, exc, backoff)
+                # A bounded back-off that a stop() interrupts at once.
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _consume(self) -> None:
+        conn = self.app.connection_for_read()
+        try:
+            conn.ensure_connection(max_retries=1)
+            queue = Queue(  # type: ignore[no-untyped-call]
+                f"baton_celery.listener.{uuid.uuid4().hex}",
+                self.exchange,
+                routing_key="",
+                durable=False,
+                exclusive=True,
+                auto_delete=True,
+                no_ack=True,  # Redis: with acks, every fanout message lands in the unacked hash
+            )
+            consumer: Any = Consumer(  # type: ignore[no-untyped-call]
+                conn.channel(), [queue], accept=["json"], no_ack=True, on_message=self._on_message
+            )
+            consumer.consume()
+            producer = Producer(conn.channel(), exchange=self.exchange)  # type: ignore[no-untyped-call]
+            is_redis = conn.transport.driver_type == "redis"
+            next_probe = 0.0
+            while not self._stop.is_set():
+                try:
+                    conn.drain_events(timeout=TICK)
+                except socket.timeout:
+                    pass
+                except (KeyError, TypeError, ValueError) as exc:
+                    if not is_redis:
+                        raise
+                    # Redis: a raw PUBLISH that is not a kombu message fails inside
+                    # kombu (KeyError('properties')) after it was read off the socket:
+                    # the subscription is intact, so skip it instead of reconnecting.
+                    self.malformed += 1
+                    logger.warning(DROPPED, f"not a kombu message ({exc!r})")
+                self.reorderer.tick()
+                if not self._connected.is_set() and time.monotonic() >= next_probe:
+                    # Redis subscribes on the first drain_events, not on consume(): ready
+                    # only once a probe sent through the exchange has come back to us.
+                    self._send_probe(producer)
+                    next_probe = time.monotonic() + 0.25
+        finally:
+            self._connected.clear()
+            try:
+                conn.release()
+            except Exception:
+                logger.debug("baton_celery: closing the listener's connection", exc_info=True)
+
+    def _send_probe(self, producer: Any) -> None:
+        self._probe = uuid.uuid4().hex
+        producer.publish(
+            json.dumps({"v": ENVELOPE_VERSION, "probe": self._probe}),
+            exchange=self.exchange,
+            routing_key="",
+            declare=[self.exchange],
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=1,
+            retry=True,
+            retry_policy={"max_retries": 1},
+        )
+
+    def _on_message(self, message: Any) -> None:
+        self.received += 1
+        try:
+            body = message.body
+            size = len(body) if isinstance(body, (bytes, str)) else 0
+            if size > self.max_message:
+                raise ValueError(f"{size} bytes, more than baton_bridge_max_message")
+            data = message.decode()  # refuses anything but JSON (accept=["json"])
+            self._accept(data)
+        except Exception as exc:
+            self.malformed += 1
+            logger.warning(DROPPED, f"{type(exc).__name__}: {exc}"[:500])
+
+    def _accept(self, data: Any) -> None:
+        """Check one decoded envelope and hand it to the reorderer."""
+        if not isinstance(data, dict) or data.get("v") != ENVELOPE_VERSION:
+            raise ValueError("not a baton_celery envelope (version 1)")
+        if "probe" in data:
+            if data["probe"] == self._probe and self._probe is not None:
+                self._probe = None
+                self._connected.set()
+            return
+        seq, origin = data.get("seq"), data.get("origin")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise ValueError(f"bad seq {seq!r}")
+        if not isinstance(origin, str):
+            raise ValueError(f"bad origin {origin!r}")
+        raw = data.get("event")
+        if not isinstance(raw, dict):
+            raise ValueError("no event")
+        event = event_from_dict(raw)
+        # Our own events were delivered here when they happened: only count them.
+        own = origin == self._token
+        final = isinstance(event, WorkflowFinished)
+        self.reorderer.push(event.workflow_id, seq, None if own else event, final)
+
+    def _deliver(self, event: Event) -> None:
+        self.delivered += 1
+        try:
+            self._deliver_to(event)
+        except Exception:  # pubsub isolates receivers; this guards a custom deliver
+            logger.exception("baton_celery: delivering a bridge event failed")
+
+
+def listen(app: Any, *, timeout: float = 10.0, **options: Any) -> Listener:
+    """Start a :class:`Listener` for ``app`` and wait up to ``timeout`` seconds until it is
+    subscribed. If the broker cannot be reached by then, a warning is logged and the
+    listener keeps trying in the background (``listener.wait_ready()`` tells when).
+
+    ``options``: ``exchange``, ``reorder_window``, ``max_message`` override the app's
+    ``baton_bridge_*`` settings; ``deliver`` replaces the local topics as the target.
+    """
+    listener = Listener(app, **options).start()
+    if not listener.wait_ready(timeout):
+        logger.warning(NOT_READY, app, timeout)
+    return listener
