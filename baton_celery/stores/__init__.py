@@ -14,6 +14,11 @@ __all__ = ["RecordStore", "Store", "StoreError", "UnknownWorkflow", "store_from_
 BACKENDS = {
     "memory": "baton_celery.stores.memory:MemoryStore",
     "sqlite": "baton_celery.stores.sqlite:SQLiteStore",
+    "redis": "baton_celery.stores.redis:RedisStore",
+    "rediss": "baton_celery.stores.redis:RedisStore",
+    "unix": "baton_celery.stores.redis:RedisStore",
+    "redis+cluster": "baton_celery.stores.redis:RedisStore",
+    "rediss+cluster": "baton_celery.stores.redis:RedisStore",
 }
 
 
@@ -27,10 +32,22 @@ def _backend(scheme: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def _is_redis_client(value: Any) -> bool:
+    module = type(value).__module__ or ""
+    return module.startswith("redis.") and callable(getattr(value, "evalsha", None))
+
+
 def store_from_url(url: str, **options: Any) -> Store:
-    """Build a store from a URL: ``memory://`` or ``sqlite:///path/to/file.sqlite3``
-    (``sqlite:////abs/path`` style absolute paths and ``sqlite:///relative`` both work).
+    """Build a store from a URL: ``memory://``, ``sqlite:///path/to/file.sqlite3``
+    (``sqlite:////abs/path`` style absolute paths and ``sqlite:///relative`` both work),
+    ``redis://host:port/db``, ``rediss://...``, ``unix:///path/redis.sock?db=0`` or
+    ``redis+cluster://host:port[,host:port...]`` (``?key_prefix=`` namespaces the keys).
+    A ready ``redis.Redis`` or ``RedisCluster`` client is accepted instead of a URL.
     ``options`` are passed to the backend (e.g. ``timeout``, ``retention``)."""
+    if _is_redis_client(url):
+        from .redis import RedisStore
+
+        return RedisStore(url, retention=options.get("retention", 86400.0))
     if not isinstance(url, str) or "://" not in url:
         raise ValueError(
             f"baton store must be a URL such as 'sqlite:///baton.sqlite3', got {url!r}"
@@ -39,6 +56,9 @@ def store_from_url(url: str, **options: Any) -> Store:
     cls = _backend(parts.scheme)
     if parts.scheme == "memory":
         store: Store = cls()  # nothing to configure: options only matter to other backends
+        return store
+    if cls.__name__ == "RedisStore":
+        store = cls.from_url(url, **options)
         return store
     path = unquote(parts.path)
     if parts.netloc:

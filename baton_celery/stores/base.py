@@ -71,6 +71,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def cancel(self, workflow_id: str) -> Settlement: ...
 
+    def settle_stuck(self, workflow_id: str, step: str, seq: int, error: str) -> Settlement:
+        """Discard ``step`` unless it changed since it was seen with event number ``seq``
+        (see :func:`records.settle_stuck`): the backstop's transition."""
+        raise NotImplementedError(f"{type(self).__name__} has no backstop support")
+
+    def live_workflows(self) -> list[str]:
+        """Ids of workflows that have not finished, oldest first: where the backstop looks.
+        May include ids that finished or vanished meanwhile; callers load each one."""
+        raise NotImplementedError(f"{type(self).__name__} has no backstop support")
+
     def results(self, workflow_id: str, names: Iterable[str]) -> dict[str, Any]:
         """The stored results of the named steps that completed with one."""
         record = self.load(workflow_id)
@@ -117,3 +127,6 @@ class RecordStore(Store):
 
     def cancel(self, workflow_id: str) -> Settlement:
         return self._transform(workflow_id, records.cancel)
+
+    def settle_stuck(self, workflow_id: str, step: str, seq: int, error: str) -> Settlement:
+        return self._transform(workflow_id, lambda r: records.settle_stuck(r, step, seq, error))

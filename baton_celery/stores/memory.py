@@ -44,6 +44,11 @@ class MemoryStore(RecordStore):
     def locate(self, job_id: str) -> tuple[str, str] | None:
         return self._jobs.get(job_id)
 
+    def live_workflows(self) -> list[str]:
+        with self._lock:
+            live = [r for r in self._workflows.values() if not r.finished]
+        return [r.id for r in sorted(live, key=lambda r: r.created_at)]
+
     def _get(self, workflow_id: str) -> WorkflowRecord:
         try:
             return self._workflows[workflow_id]

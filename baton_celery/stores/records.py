@@ -31,6 +31,7 @@ __all__ = [
     "cancel",
     "mark_retrying",
     "settle",
+    "settle_stuck",
 ]
 
 #: A step that has not started yet (waiting for its dependencies, or queued).
@@ -63,6 +64,7 @@ class StepRecord:
     error: str | None = None
     origin: str | None = None  # for a failed step: the step where the failure began
     seq: int = 0  # the workflow-wide number of this step's latest event (see WorkflowRecord.seq)
+    updated_at: float = 0.0  # when it was last stamped or published (0: at creation)
 
     @property
     def settled(self) -> bool:
@@ -103,6 +105,7 @@ class WorkflowRecord:
         """Give ``step``'s new state the workflow's next event number."""
         self.seq += 1
         step.seq = self.seq
+        step.updated_at = time.time()
         return step
 
     def dependents(self, name: str) -> Iterator[StepRecord]:
@@ -184,6 +187,7 @@ def _propagate(record: WorkflowRecord, settled: StepRecord, out: Settlement) -> 
                 _fail(child, CANCELLED, WORKFLOW_CANCELLED, None)
             else:
                 child.dispatch += 1
+                child.updated_at = time.time()
                 out.released.append(child)
                 continue
             out.cancelled.append(record.stamp(child))
@@ -281,6 +285,16 @@ def settle(
     _propagate(record, step, out)
     _claim_finish(record, out)
     return out
+
+
+def settle_stuck(record: WorkflowRecord, name: str, seq: int, error: str) -> Settlement:
+    """The backstop's transition: discard a step that made no progress since it was seen
+    with event number ``seq``. Anything that happened to it since (it started, retried,
+    settled) wins: then nothing changes and ``applied`` is False."""
+    step = record.steps[name]
+    if step.settled or step.seq != seq:
+        return Settlement(record.id, record.label, step=step)
+    return settle(record, name, DISCARDED, error=error)
 
 
 def cancel(record: WorkflowRecord) -> Settlement:

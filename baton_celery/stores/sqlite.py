@@ -113,6 +113,17 @@ class SQLiteStore(RecordStore):
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         return None if row is None else (row[0], row[1])
 
+    def live_workflows(self) -> list[str]:
+        try:
+            rows = (
+                self._connect()
+                .execute("SELECT id FROM baton_workflows WHERE finished_at IS NULL ORDER BY rowid")
+                .fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        return [row[0] for row in rows]
+
     def _transform(self, workflow_id: str, change: Callable[[WorkflowRecord], T]) -> T:
         def apply(conn: sqlite3.Connection) -> T:
             row = conn.execute(
