@@ -20,7 +20,7 @@ from celery.exceptions import Ignore
 from .completion import announce, emit_step
 from .config import Config
 from .events import CANCELLED, COMPLETED, DISCARDED, SNOOZED
-from .identity import StepIdentity, identity_of
+from .identity import HEADER, StepIdentity, identity_of
 from .runtime import Runtime, installed_apps, register, runtime_for, unregister
 from .stores.records import RUN, SKIP, SNOOZE
 
@@ -42,6 +42,8 @@ MEMORY_UNDER_PREFORK = (
 
 # The gate decision for the current request, set in task_prerun, read in before_start.
 GATE_ATTR = "baton_gate"
+# For a snoozed request: the step's publication number when it was snoozed.
+SNOOZE_DISPATCH_ATTR = "baton_snooze_dispatch"
 
 
 @contextlib.contextmanager
@@ -72,6 +74,7 @@ def on_task_prerun(sender: Any = None, task_id: Any = None, **_: Any) -> None:
         gate = runtime.store.begin(ident.workflow_id, ident.step, ident.dispatch)
         # Per-request (a Context), not per-task state: safe with concurrent requests.
         setattr(sender.request, GATE_ATTR, gate.decision)
+        setattr(sender.request, SNOOZE_DISPATCH_ATTR, gate.step.dispatch)
         if gate.decision == RUN:
             emit_step(runtime, "executing", ident.workflow_id, ident.workflow_label, gate.step)
         elif gate.decision == SNOOZE:
@@ -94,7 +97,9 @@ def _gate_before_start(before_start: Callable[..., Any]) -> Callable[..., Any]:
             runtime = runtime_for(self.app)
             delay = runtime.config.snooze_delay if runtime else 1.0
             # Same task id, headers and retries count: a snooze uses no retry attempt.
-            self.signature_from_request().apply_async(countdown=delay)
+            signature = self.signature_from_request()
+            _stamp_snoozed_copy(signature, getattr(self.request, SNOOZE_DISPATCH_ATTR, None))
+            signature.apply_async(countdown=delay)
             raise Ignore()
         if decision == SKIP:
             raise Ignore()
@@ -102,6 +107,20 @@ def _gate_before_start(before_start: Callable[..., Any]) -> Callable[..., Any]:
 
     gated_before_start._baton_gate = True  # type: ignore[attr-defined]
     return gated_before_start
+
+
+def _stamp_snoozed_copy(signature: Any, dispatch: Any) -> None:
+    """Give the requeued copy of a snoozed message the step's current publication number.
+
+    A message delivered early may carry the number baton will give the step when it
+    releases it. Requeued unchanged, the copy would be as current as the released message
+    and both would run the body. Stamped with the number the step had when it was snoozed,
+    the copy is stale once the step is released, and the gate skips it.
+    """
+    headers = signature.options.get("headers")
+    ident = headers.get(HEADER) if isinstance(headers, dict) else None
+    if isinstance(ident, dict) and isinstance(dispatch, int):
+        signature.options["headers"] = {**headers, HEADER: {**ident, "dispatch": dispatch}}
 
 
 # --- task_success / task_retry / task_failure (pool child) ---------------------------
