@@ -76,10 +76,15 @@ class Store(abc.ABC):
         (see :func:`records.settle_stuck`): the backstop's transition."""
         raise NotImplementedError(f"{type(self).__name__} has no backstop support")
 
-    def live_workflows(self) -> list[str]:
-        """Ids of workflows that have not finished, oldest first: where the backstop looks.
-        May include ids that finished or vanished meanwhile; callers load each one."""
+    def live_workflows(self, before: float | None = None) -> list[str]:
+        """Ids of workflows that have not finished (created before ``before``, a Unix
+        time, when given), oldest first: where the backstop looks. May include ids that
+        finished or vanished meanwhile, or newer ones; callers load each one."""
         raise NotImplementedError(f"{type(self).__name__} has no backstop support")
+
+    def unindex(self, workflow_id: str, job_ids: Iterable[str] = ()) -> None:  # noqa: B027
+        """Forget an id that :meth:`live_workflows` listed but that finished or vanished
+        (a no-op where the index is a query)."""
 
     def results(self, workflow_id: str, names: Iterable[str]) -> dict[str, Any]:
         """The stored results of the named steps that completed with one."""

@@ -44,9 +44,13 @@ class MemoryStore(RecordStore):
     def locate(self, job_id: str) -> tuple[str, str] | None:
         return self._jobs.get(job_id)
 
-    def live_workflows(self) -> list[str]:
+    def live_workflows(self, before: float | None = None) -> list[str]:
         with self._lock:
-            live = [r for r in self._workflows.values() if not r.finished]
+            live = [
+                r
+                for r in self._workflows.values()
+                if not r.finished and (before is None or r.created_at < before)
+            ]
         return [r.id for r in sorted(live, key=lambda r: r.created_at)]
 
     def _get(self, workflow_id: str) -> WorkflowRecord:

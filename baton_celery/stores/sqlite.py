@@ -113,7 +113,8 @@ class SQLiteStore(RecordStore):
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         return None if row is None else (row[0], row[1])
 
-    def live_workflows(self) -> list[str]:
+    def live_workflows(self, before: float | None = None) -> list[str]:
+        # ``before`` is not applied: the creation time is inside the JSON record.
         try:
             rows = (
                 self._connect()

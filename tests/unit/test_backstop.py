@@ -1,0 +1,131 @@
+"""The backstop sweep on every store: stuck steps are discarded with a reason, their
+dependents cascade, the workflow finishes once; steps that progress are left alone."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from redis_servers import shared_redis_url
+
+import baton_celery
+from baton_celery import backstop
+from baton_celery.stores.records import StepRecord, WorkflowRecord
+
+STORES = ["memory", "sqlite", "redis"]
+
+
+@pytest.fixture(params=STORES)
+def app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Celery]:
+    urls = {
+        "memory": "memory://",
+        "sqlite": f"sqlite:///{tmp_path}/backstop.sqlite3",
+        "redis": shared_redis_url(),
+    }
+    made = Celery(f"backstop-{uuid.uuid4().hex[:8]}", set_as_current=False)
+    made.conf.update(baton_store=urls[request.param], broker_url="memory://")
+    baton_celery.install(made)
+    yield made
+    baton_celery.uninstall(made)
+
+
+def chain_record(*, created_ago: float = 0.0) -> WorkflowRecord:
+    """a -> b -> c, and an independent root d."""
+    wid = f"wf-{uuid.uuid4()}"
+
+    def step(name: str, deps: tuple[str, ...] = ()) -> StepRecord:
+        return StepRecord(name, f"t.{name}", f"{wid}/{name}", {"task": f"t.{name}"}, deps=deps,
+                          dispatch=0 if deps else 1)  # fmt: skip
+
+    steps = {"a": step("a"), "b": step("b", ("a",)), "c": step("c", ("b",)), "d": step("d")}
+    return WorkflowRecord(wid, "stuck", steps, created_at=time.time() - created_ago)
+
+
+def test_stuck_steps_are_discarded_and_the_workflow_finishes_once(app: Celery) -> None:
+    store = baton_celery.runtime.runtime_for(app).store  # type: ignore[union-attr]
+    record = chain_record()
+    store.create(record)
+    store.begin(record.id, "a", 1)  # a's worker then dies: executing forever
+    # d was published but its message never arrived anywhere.
+    later = time.time() + 120
+    with baton_celery.collect_events(record.id) as events:
+        assert backstop.sweep(app, stuck_after=600, now=later).settled == []  # not yet
+        report = backstop.sweep(app, stuck_after=60, now=later)
+        again = backstop.sweep(app, stuck_after=60, now=later)
+    assert sorted((s, r.split(":")[0]) for _, s, r in report.settled) == [
+        ("a", "worker lost or hung"),
+        ("d", "never started"),
+    ]
+    assert report.finished == [record.id]
+    assert again.settled == [] and again.finished == []
+    loaded = store.load(record.id)
+    assert loaded.outcome == "failed"
+    assert {n: s.state for n, s in loaded.steps.items()} == {
+        "a": "discarded", "b": "cancelled", "c": "cancelled", "d": "discarded",
+    }  # fmt: skip
+    assert "(backstop)" in (loaded.steps["a"].error or "")
+    assert loaded.steps["c"].error == "dependency 'b' was cancelled (failure began at 'a')"
+    assert len(events.finished) == 1 and events.finished[0].failed_steps == ("a", "b", "c", "d")
+    assert events.states("a") == ["discarded"]
+    assert events.states("c") == ["cancelled"]
+    assert store.live_workflows() == []
+
+
+def test_progress_and_young_workflows_are_left_alone(app: Celery) -> None:
+    store = baton_celery.runtime.runtime_for(app).store  # type: ignore[union-attr]
+    record = chain_record()
+    store.create(record)
+    store.begin(record.id, "a", 1)
+    store.settle(record.id, "d", "completed")
+    report = backstop.sweep(app, stuck_after=60)  # now: nothing is a minute old
+    assert report.settled == []
+    assert store.load(record.id).steps["a"].state == "executing"
+
+
+def test_a_successful_workflow_whose_last_step_hung_is_finished(app: Celery) -> None:
+    store = baton_celery.runtime.runtime_for(app).store  # type: ignore[union-attr]
+    wid = f"wf-{uuid.uuid4()}"
+    record = WorkflowRecord(
+        wid, None, {"only": StepRecord("only", "t", f"{wid}/only", {}, dispatch=1)}
+    )
+    store.create(record)
+    store.begin(wid, "only", 1)
+    report = backstop.sweep(app, stuck_after=1, now=time.time() + 5)
+    assert report.finished == [wid]
+    assert store.load(wid).outcome == "failed"
+
+
+def test_the_beat_task_and_the_command_line(
+    app: Celery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task = backstop.register_task(app)
+    assert app.tasks[backstop.TASK_NAME].name == task.name == "baton_celery.backstop"
+    assert "0 stuck step(s)" in task(stuck_after=60)
+
+    module = tmp_path / "backstop_cli_app.py"
+    module.write_text(
+        "from celery import Celery\n"
+        "import baton_celery\n"
+        f"app = Celery('cli', set_as_current=False)\n"
+        f"app.conf.baton_store = {app.conf.baton_store!r}\n"
+        "baton_celery.install(app)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    store = baton_celery.runtime.runtime_for(app).store  # type: ignore[union-attr]
+    record = chain_record(created_ago=30)
+    store.create(record)
+    try:
+        assert backstop.main(["-A", "backstop_cli_app:app", "--stuck-after", "10"]) == 0
+    finally:
+        sys.modules.pop("backstop_cli_app", None)
+    out = capsys.readouterr().out
+    if app.conf.baton_store == "memory://":
+        assert "0 live workflow(s)" in out  # another process's memory: nothing to see
+    else:
+        assert "2 stuck step(s) discarded, 1 workflow(s) finished" in out
+        assert store.load(record.id).outcome == "failed"
