@@ -43,6 +43,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
+from queue import Empty
 from typing import Any, Callable
 
 from kombu.entity import Queue
@@ -74,6 +75,11 @@ NOT_READY = (
 
 #: How long the consumer blocks for a message before it looks at its timers.
 TICK = 0.05
+#: After this many idle seconds the listener sends itself a probe through the exchange,
+#: and reconnects when one has not come back within PROBE_TIMEOUT seconds: a half-open
+#: connection or a silently lost subscription would otherwise go unnoticed.
+HEARTBEAT = 2.0
+PROBE_TIMEOUT = 10.0
 
 
 # --- ordering ------------------------------------------------------------------------
@@ -251,9 +257,13 @@ class Listener:
         self.delivered = 0
         self.malformed = 0
         self.reconnects = 0
+        self.connections = 0  # how many times it has become ready (1 + reconnections)
         self._connected = threading.Event()
+        self._changed = threading.Condition()
         self._stop = threading.Event()
-        self._probe: str | None = None
+        self._probe: str | None = None  # the nonce of the probe on its way, if any
+        self._probe_sent = 0.0
+        self._activity = 0.0  # when a message last arrived
         self._thread: threading.Thread | None = None
         self._token = process_token()
 
@@ -264,9 +274,13 @@ class Listener:
         """Connected, and its subscription proven live by its own probe message."""
         return self._connected.is_set() and not self._stop.is_set()
 
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Block until the listener is connected and subscribed (True) or ``timeout``."""
-        return self._connected.wait(timeout)
+    def wait_ready(self, timeout: float | None = None, *, after: int = 0) -> bool:
+        """Block until the listener is connected and subscribed (True) or ``timeout``.
+
+        With ``after``, wait for a connection later than that count of
+        :attr:`connections` (e.g. the reconnection after a broker restart)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.ready and self.connections > after, timeout)
 
     def start(self) -> Listener:
         if self._thread is not None:
@@ -280,7 +294,9 @@ class Listener:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop consuming and close the connection (waits up to ``timeout`` seconds)."""
         self._stop.set()
-        self._connected.clear()
+        with self._changed:
+            self._connected.clear()
+            self._changed.notify_all()
         with _listeners_lock:
             found = _listeners.get(self.app)
             if found is not None:
@@ -316,7 +332,8 @@ class Listener:
     def _consume(self) -> None:
         conn = self.app.connection_for_read()
         try:
-            conn.ensure_connection(max_retries=1)
+            # One quick attempt: the back-off between attempts is _run's, and stoppable.
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.1)
             queue = Queue(  # type: ignore[no-untyped-call]
                 f"baton_celery.listener.{uuid.uuid4().hex}",
                 self.exchange,
@@ -326,12 +343,14 @@ class Listener:
                 auto_delete=True,
                 no_ack=True,  # Redis: with acks, every fanout message lands in the unacked hash
             )
+            channel = conn.channel()
             consumer: Any = Consumer(  # type: ignore[no-untyped-call]
-                conn.channel(), [queue], accept=["json"], no_ack=True, on_message=self._on_message
+                channel, [queue], accept=["json"], no_ack=True, on_message=self._on_message
             )
             consumer.consume()
             producer = Producer(conn.channel(), exchange=self.exchange)  # type: ignore[no-untyped-call]
             is_redis = conn.transport.driver_type == "redis"
+            self._probe = None
             next_probe = 0.0
             while not self._stop.is_set():
                 try:
@@ -341,17 +360,23 @@ class Listener:
                 except (KeyError, TypeError, ValueError) as exc:
                     if not is_redis:
                         raise
-                    # Redis: a raw PUBLISH that is not a kombu message fails inside
-                    # kombu (KeyError('properties')) after it was read off the socket:
-                    # the subscription is intact, so skip it instead of reconnecting.
-                    self.malformed += 1
-                    logger.warning(DROPPED, f"not a kombu message ({exc!r})")
+                    self._skip_raw(exc)
+                if is_redis:
+                    self._drain_buffered(channel)
                 self.reorderer.tick()
-                if not self._connected.is_set() and time.monotonic() >= next_probe:
-                    # Redis subscribes on the first drain_events, not on consume(): ready
-                    # only once a probe sent through the exchange has come back to us.
-                    self._send_probe(producer)
-                    next_probe = time.monotonic() + 0.25
+                now = time.monotonic()
+                if not self._connected.is_set():
+                    if now >= next_probe:
+                        # Redis subscribes on the first drain_events, not on consume():
+                        # ready only once a probe sent through the exchange came back.
+                        self._send_probe(producer)
+                        next_probe = now + 0.25
+                elif self._probe is None:
+                    if now - self._activity >= HEARTBEAT:
+                        self._send_probe(producer)
+                elif now - self._probe_sent >= PROBE_TIMEOUT:
+                    # A half-open connection or a lost subscription: start again.
+                    raise ConnectionError(f"no probe came back in {PROBE_TIMEOUT} s")
         finally:
             self._connected.clear()
             try:
@@ -359,8 +384,39 @@ class Listener:
             except Exception:
                 logger.debug("baton_celery: closing the listener's connection", exc_info=True)
 
+    def _skip_raw(self, exc: BaseException) -> None:
+        # Redis: a raw PUBLISH that is not a kombu message fails inside kombu
+        # (KeyError('properties')) after it was read off the socket: the subscription is
+        # intact, so skip it instead of reconnecting.
+        self.malformed += 1
+        logger.warning(DROPPED, f"not a kombu message ({exc!r})")
+
+    def _drain_buffered(self, channel: Any) -> None:
+        """Redis: read the messages already buffered in the pub/sub client.
+
+        When kombu's read loop stops on a malformed message (an exception, or a silent
+        skip of one that is not JSON), the messages that came in the same read wait in
+        redis-py's buffer, where the poller does not see them until something else
+        arrives. Uses kombu's Redis channel internals when they are there; otherwise the
+        heartbeat probe is what wakes the poller."""
+        client = getattr(channel, "__dict__", {}).get("subclient")
+        receive = getattr(channel, "_receive", None)
+        connection = getattr(client, "connection", None)
+        if connection is None or receive is None:
+            return
+        for _ in range(10_000):  # bounded: a flood must not starve the timers
+            try:
+                if not connection.can_read(timeout=0):
+                    return
+                receive()
+            except (KeyError, TypeError, ValueError) as exc:
+                self._skip_raw(exc)
+            except Empty:  # kombu's way to skip a payload that is not JSON
+                pass
+
     def _send_probe(self, producer: Any) -> None:
         self._probe = uuid.uuid4().hex
+        self._probe_sent = time.monotonic()
         producer.publish(
             json.dumps({"v": ENVELOPE_VERSION, "probe": self._probe}),
             exchange=self.exchange,
@@ -375,6 +431,7 @@ class Listener:
 
     def _on_message(self, message: Any) -> None:
         self.received += 1
+        self._activity = time.monotonic()
         try:
             body = message.body
             size = len(body) if isinstance(body, (bytes, str)) else 0
@@ -393,7 +450,11 @@ class Listener:
         if "probe" in data:
             if data["probe"] == self._probe and self._probe is not None:
                 self._probe = None
-                self._connected.set()
+                if not self._connected.is_set():
+                    with self._changed:
+                        self.connections += 1
+                        self._connected.set()
+                        self._changed.notify_all()
             return
         seq, origin = data.get("seq"), data.get("origin")
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:

@@ -1,0 +1,224 @@
+"""End-to-end: events of workflows run by real prefork workers reach a listener in this
+process over real Redis and RabbitMQ, in order, with exactly one finish; a broker
+restart; malformed messages on the exchange."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from bridge_worker_app import (
+    AMQP_BROKER,
+    REDIS_BROKER,
+    Cluster,
+    RedisServer,
+    running_cluster,
+    unique,
+)
+
+import baton_celery
+from baton_celery import Workflow, WorkflowFinished, WorkflowHandle, collect_events
+from baton_celery.bridge import bridge_exchange, process_token
+from baton_celery.events import StepUpdated, utcnow
+from baton_celery.listener import Listener
+
+pytestmark = pytest.mark.integration
+
+BROKERS = {"redis": REDIS_BROKER, "amqp": AMQP_BROKER}
+TIMEOUT = 60.0
+
+
+class Tap(Listener):
+    """A second consumer on the exchange that records every envelope as it arrives (no
+    reordering, no delivery): what the workers really sent, with their numbers."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app, deliver=lambda event: None)
+        self.envelopes: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+
+    def _accept(self, data: Any) -> None:
+        if isinstance(data, dict) and "probe" in data:
+            super()._accept(data)
+            return
+        with self._cond:
+            self.envelopes.append(data)
+            self._cond.notify_all()
+
+    def wait_count(self, count: int, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.envelopes) >= count, timeout), (
+                f"{len(self.envelopes)} of {count} envelopes arrived"
+            )
+            return list(self.envelopes)
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    with running_cluster(BROKERS[request.param], tmp_path) as cluster:
+        yield cluster
+
+
+def diamond(cluster: Cluster, tag: str, label: str) -> WorkflowHandle:
+    """a -> (b, which fails once and retries; c) -> d."""
+    return (
+        Workflow(label=label)
+        .add("a", cluster.step(tag, "a"))
+        .add("b", cluster.step(tag, "b", fail_times=1), deps=["a"])
+        .add("c", cluster.step(tag, "c"), deps=["a"])
+        .add("d", cluster.step(tag, "d"), deps=["b", "c"])
+        .apply_async(app=cluster.app)
+    )
+
+
+def key_of(event: Any) -> str:
+    data = event if isinstance(event, dict) else event.to_dict()
+    return json.dumps(data, sort_keys=True)
+
+
+def test_listener_receives_every_event_in_order(cluster: Cluster) -> None:
+    runs = 6
+    with (
+        Tap(cluster.app) as tap,
+        collect_events() as log,
+        baton_celery.listen(cluster.app) as listener,
+    ):
+        assert listener.ready and tap.wait_ready(10)
+        handles = [diamond(cluster, unique("t"), f"diamond-{i}") for i in range(runs)]
+        log.wait_finished(timeout=TIMEOUT, count=runs)
+        for handle in handles:
+            assert handle.wait(timeout=TIMEOUT).outcome == "completed"
+        store = baton_celery.install(cluster.app).store
+        total = {h.id: store.load(h.id).seq for h in handles}
+        envelopes = tap.wait_count(sum(total.values()))
+        assert listener.malformed == 0 and listener.reconnects == 0
+    seq_of = {key_of(e["event"]): e["seq"] for e in envelopes}
+    # Sent by the workers' processes, not by this one.
+    assert {e["origin"] for e in envelopes}.isdisjoint({process_token()})
+    for handle in handles:
+        sent = sorted(e["seq"] for e in envelopes if e["event"]["workflow_id"] == handle.id)
+        assert sent == list(range(1, total[handle.id] + 1)), "every event numbered once"
+        got = [e for e in log if e.workflow_id == handle.id]
+        assert [seq_of[key_of(e)] for e in got] == sent, "delivered in order, each once"
+        finishes = [e for e in got if isinstance(e, WorkflowFinished)]
+        assert len(finishes) == 1 and got[-1] is finishes[0]
+        steps = [e for e in got if isinstance(e, StepUpdated)]
+        states = {n: [e.state for e in steps if e.step_name == n] for n in "abcd"}
+        assert states == {
+            "a": ["executing", "completed"],
+            "b": ["executing", "retryable", "executing", "completed"],
+            "c": ["executing", "completed"],
+            "d": ["executing", "completed"],
+        }
+
+
+def test_wait_uses_the_live_finish(cluster: Cluster) -> None:
+    with baton_celery.listen(cluster.app) as listener:
+        assert listener.ready
+        handle = diamond(cluster, unique("t"), "wait")
+        finished = handle.wait(timeout=TIMEOUT)
+    assert finished.outcome == "completed"
+    assert finished == WorkflowHandle(handle.id, cluster.app).wait(timeout=1)
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def bare(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster without workers: only its app, exchange and names."""
+    cluster = Cluster(BROKERS[request.param], tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+        baton_celery.uninstall(cluster.app)
+
+
+def test_malformed_messages_are_dropped_and_the_listener_carries_on(bare: Cluster) -> None:
+    exchange = bridge_exchange(bare.exchange)
+    good = StepUpdated("wf-ok", None, "s", "t", "executing", "j", 1, False, None, utcnow())
+    received: list[Any] = []
+    arrived = threading.Event()
+
+    def deliver(event: Any) -> None:
+        received.append(event)
+        arrived.set()
+
+    with Listener(bare.app, deliver=deliver) as listener:
+        assert listener.wait_ready(10)
+        with bare.app.connection_for_write() as conn:
+            producer = conn.Producer()
+
+            def send(body: Any, **options: Any) -> None:
+                options.setdefault("content_type", "application/json")
+                options.setdefault("content_encoding", "utf-8")
+                producer.publish(
+                    body, exchange=exchange, routing_key="", declare=[exchange], **options
+                )
+
+            envelope = {"v": 1, "seq": 1, "origin": "o"}
+            bad = [
+                (b"\x80\x04K\x01.", {"content_type": "application/x-python-serialize"}),
+                ("{not json", {}),
+                (json.dumps({"hello": 1}), {}),
+                (json.dumps({"v": 1, "seq": "x", "origin": "o", "event": {}}), {}),
+                (json.dumps({"v": 1, "seq": 1, "origin": "o", "event": {"kind": "x"}}), {}),
+                (json.dumps({**envelope, "event": {"kind": "step_updated"}}), {}),
+                (json.dumps({"v": 1, "seq": 1, "origin": "o", "pad": "x" * 70_000}), {}),
+            ]
+            for body, options in bad:
+                send(body, **options)
+            raw = 0
+            if bare.broker.startswith("redis"):
+                # Not kombu messages at all: kombu fails inside drain_events.
+                channel = f"{bare.id}:/10.{bare.exchange}"
+                client = redis.Redis.from_url(bare.broker)
+                raw += client.publish(channel, b"not json at all")
+                raw += client.publish(channel, json.dumps({"body": "e30="}))
+                raw += client.publish(channel, json.dumps([1, 2]))
+                assert raw == 3
+            send(json.dumps({"v": 1, "seq": 1, "origin": "other", "event": good.to_dict()}))
+        assert arrived.wait(10), (listener.received, listener.malformed)
+        assert received == [good]
+        # kombu itself swallows the raw non-JSON one (it logs a warning).
+        assert listener.malformed >= len(bad) + max(raw - 1, 0)
+        assert listener.reconnects == 0 and listener.connections == 1
+
+
+def test_redis_restart_during_a_run(tmp_path: Path) -> None:
+    """Our own redis-server (never the shared one) is restarted while a step runs: the
+    workers and the listener reconnect, and the rest of the run arrives in order."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        with running_cluster(server.url, tmp_path) as cluster:
+            tag = unique("t")
+            with collect_events() as log, baton_celery.listen(cluster.app) as listener:
+                assert listener.ready
+                handle = (
+                    Workflow(label="restart")
+                    .add("a", cluster.step(tag, "a"))
+                    .add("b", cluster.step(tag, "b", block=True), deps=["a"])
+                    .add("c", cluster.step(tag, "c"), deps=["b"])
+                    .apply_async(app=cluster.app)
+                )
+                with log._cond:
+                    assert log._cond.wait_for(lambda: log.states("b") == ["executing"], TIMEOUT), (
+                        list(log)
+                    )
+                before = listener.connections
+                server.restart()
+                assert listener.wait_ready(TIMEOUT, after=before), "no reconnection"
+                cluster.release(tag, "b")
+                log.wait_finished(timeout=TIMEOUT)
+                assert handle.wait(timeout=TIMEOUT).outcome == "completed"
+            assert listener.reconnects >= 1
+            assert log.states("a") == ["executing", "completed"]
+            assert log.states("b") == ["executing", "completed"]
+            assert log.states("c") == ["executing", "completed"]
+            assert len(log.finished) == 1 and log[-1] is log.finished[0]
+    finally:
+        server.stop()
