@@ -110,7 +110,8 @@ def _cluster(session: Session, name: str, broker: str, workers: int) -> Iterator
     finally:
         cluster.stop()
         cluster.delete_broker_objects()
-        cluster.app.close()  # the client's broker connections (producer pool)
+        cluster.app.pool.force_close_all()  # the client's broker connections
+        cluster.app.close()
 
 
 @pytest.fixture

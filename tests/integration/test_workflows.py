@@ -110,14 +110,18 @@ def test_fan_out_fan_in_completes(cluster: Cluster, steps: Steps) -> None:
         assert (executing["attempt"], completed["attempt"]) == (1, 1)
         assert completed["has_result"] is True and completed["error"] is None
         assert steps.calls(name) == 1
-    # A dependent starts only after its dependencies completed (one causal chain: the
-    # dependency's completed event is sent before the dependent is published).
+    # A dependent starts after its dependencies completed. In the sink's order that is
+    # certain only along one causal chain: the process that settles a step's last
+    # dependency sends that dependency's completed event, then publishes the step. (The
+    # other dependency of a fan-in may announce its completion from another process a
+    # little later; dependency_results() below shows it had completed.)
     extract_done = index_of(events, "extract", "completed")
     assert index_of(events, "left", "executing") > extract_done
     assert index_of(events, "right", "executing") > extract_done
     merge_start = index_of(events, "merge", "executing")
-    assert merge_start > index_of(events, "left", "completed")
-    assert merge_start > index_of(events, "right", "completed")
+    assert merge_start > min(
+        index_of(events, "left", "completed"), index_of(events, "right", "completed")
+    )
 
     # dependency_results(): the declared dependencies' results, and only those.
     assert steps.deps_seen("extract") == [{}]
