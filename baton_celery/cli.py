@@ -1,0 +1,202 @@
+"""``celery -A proj baton ...``: watch workflows live, or print one workflow's status.
+
+Installed as a Celery subcommand through the ``celery.commands`` entry point::
+
+    celery -A proj baton watch                 # a live table of workflows and their steps
+    celery -A proj baton watch --workflow ID   # one workflow; exits when it finishes
+    celery -A proj baton watch --lines         # one line per event (the default in a pipe)
+    celery -A proj baton status ID             # its steps and outcome, from the store
+
+``watch`` listens on the broker bridge (the workers need ``baton_bridge = True``). With
+``--workflow`` it exits 0 when the workflow completed and 1 when it failed.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import time
+from collections import OrderedDict
+from typing import Any
+
+import click
+
+from .celery_hooks import install
+from .events import Event, StepUpdated, WorkflowFinished
+from .listener import listen
+from .pubsub import subscribe, subscribe_all, unsubscribe, unsubscribe_all
+from .stores import UnknownWorkflow
+from .workflow import WorkflowHandle, WorkflowStatus
+
+__all__ = ["baton"]
+
+#: At most this many workflows are shown in the live table (the most recent ones).
+TABLE_ROWS = 12
+#: The live table is redrawn at most this often (seconds).
+REDRAW = 0.1
+#: Cursor home and clear screen: the table is redrawn in place.
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def _app(ctx: click.Context) -> Any:
+    obj = ctx.find_root().obj
+    app = getattr(obj, "app", None)
+    if app is None:
+        raise click.UsageError("no Celery app: run it as `celery -A proj baton ...`")
+    install(app)  # harmless when the app module installed baton already
+    return app
+
+
+@click.group(name="baton")
+def baton() -> None:
+    """baton_celery workflows: live events and status."""
+
+
+def _short(text: str | None, width: int) -> str:
+    text = text or ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_event(event: Event) -> str:
+    """One line per event, for ``watch --lines``."""
+    stamp = event.timestamp.astimezone().strftime("%H:%M:%S.%f")[:-3]
+    label = event.workflow_label or "-"
+    if isinstance(event, WorkflowFinished):
+        failed = ",".join(event.failed_steps) or "-"
+        return f"{stamp} {event.workflow_id} {label} FINISHED {event.outcome} failed={failed}"
+    line = (
+        f"{stamp} {event.workflow_id} {label} {event.step_name} {event.state}"
+        f" attempt={event.attempt}"
+    )
+    return f"{line} error={_short(event.error, 120)!r}" if event.error else line
+
+
+class Board:
+    """What the live table shows: workflows (most recent last) and their steps' states."""
+
+    def __init__(self) -> None:
+        self.flows: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def seed(self, status: WorkflowStatus) -> None:
+        flow = self._flow(status.workflow_id, status.workflow_label)
+        for name, step in status.steps.items():
+            flow["steps"].setdefault(name, [step.state, step.attempt, step.error])
+        if status.outcome is not None:
+            flow["outcome"] = status.outcome
+
+    def _flow(self, workflow_id: str, label: str | None) -> dict[str, Any]:
+        flow = self.flows.get(workflow_id)
+        if flow is None:
+            flow = self.flows[workflow_id] = {"label": label, "steps": {}, "outcome": None}
+            while len(self.flows) > TABLE_ROWS:
+                self.flows.popitem(last=False)
+        return flow
+
+    def apply(self, event: Event) -> None:
+        flow = self._flow(event.workflow_id, event.workflow_label)
+        if isinstance(event, StepUpdated):
+            flow["steps"][event.step_name] = [event.state, event.attempt, event.error]
+        else:
+            flow["outcome"] = event.outcome
+
+    def render(self) -> str:
+        lines = [f"baton_celery — {len(self.flows)} workflow(s)   (Ctrl-C to quit)", ""]
+        for workflow_id, flow in self.flows.items():
+            outcome = flow["outcome"] or "running"
+            lines.append(f"{workflow_id}  {flow['label'] or '-'}  [{outcome}]")
+            for name, (state, attempt, error) in flow["steps"].items():
+                row = f"    {_short(name, 24):<24} {state:<10} attempt {attempt}"
+                lines.append(f"{row}  {_short(error, 60)}" if error else row)
+            lines.append("")
+        return "\n".join(lines)
+
+
+@baton.command()
+@click.option("--workflow", "workflow_id", default=None, help="Watch only this workflow.")
+@click.option("--lines", is_flag=True, help="One line per event (the default when piped).")
+@click.option("--timeout", type=float, default=None, help="Stop after this many seconds.")
+@click.pass_context
+def watch(ctx: click.Context, workflow_id: str | None, lines: bool, timeout: float | None) -> None:
+    """Show workflows' events live, as they happen on the workers."""
+    app = _app(ctx)
+    lines = lines or not sys.stdout.isatty()
+    inbox: queue.Queue[Event] = queue.Queue()
+
+    def receive(_workflow_id: str, event: Event, **_: Any) -> None:
+        inbox.put(event)
+
+    board = Board()
+    if workflow_id is None:
+        subscribe_all(receive)
+    else:
+        subscribe(workflow_id, receive)
+    listener = listen(app)
+    broker = app.connection_for_read().as_uri()  # the password masked
+    if listener.ready:
+        click.echo(f"baton: listening for events on {broker}", err=True)
+    else:
+        click.echo(f"baton: cannot reach {broker} yet; still trying", err=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    outcome: str | None = None
+    try:
+        if workflow_id is not None:
+            try:
+                status = WorkflowHandle(workflow_id, app).status()
+            except UnknownWorkflow:
+                status = None
+            if status is not None:
+                board.seed(status)
+                outcome = status.outcome
+        drawn = 0.0
+        while outcome is None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                event = inbox.get(timeout=REDRAW if remaining is None else min(REDRAW, remaining))
+            except queue.Empty:
+                event = None
+            if event is not None:
+                board.apply(event)
+                if lines:
+                    click.echo(format_event(event))
+                if isinstance(event, WorkflowFinished) and event.workflow_id == workflow_id:
+                    outcome = event.outcome
+            if not lines and time.monotonic() - drawn >= REDRAW:
+                click.echo(CLEAR + board.render())
+                drawn = time.monotonic()
+        if not lines:
+            click.echo(CLEAR + board.render())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.stop()
+        if workflow_id is None:
+            unsubscribe_all(receive)
+        else:
+            unsubscribe(workflow_id, receive)
+    if outcome is not None and workflow_id is not None:
+        if lines:
+            click.echo(f"workflow {workflow_id} finished: {outcome}")
+        ctx.exit(0 if outcome == "completed" else 1)
+
+
+@baton.command()
+@click.argument("workflow_id")
+@click.pass_context
+def status(ctx: click.Context, workflow_id: str) -> None:
+    """Print one workflow's steps and outcome (from the store)."""
+    app = _app(ctx)
+    try:
+        found = WorkflowHandle(workflow_id, app).status()
+    except UnknownWorkflow:
+        click.echo(f"no workflow {workflow_id} in the store", err=True)
+        ctx.exit(2)
+        return
+    click.echo(f"workflow {found.workflow_id}  label: {found.workflow_label or '-'}")
+    click.echo(f"outcome: {found.outcome or 'running'}")
+    if found.failed_steps:
+        click.echo(f"failed steps: {', '.join(found.failed_steps)}")
+    click.echo(f"{'step':<24} {'state':<10} {'attempt':>7}  error")
+    for name, step in found.steps.items():
+        click.echo(f"{_short(name, 24):<24} {step.state:<10} {step.attempt:>7}  {step.error or ''}")
