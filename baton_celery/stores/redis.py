@@ -69,84 +69,120 @@ STEP_FIELDS = (
 # ---------------------------------------------------------------------------------------
 
 _PRELUDE = """
-local meta, P, now, retention, G = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local FIELDS = {%(fields)s}
+local meta, P, now, retention = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local G, wid = ARGV[4], ARGV[5]
+local FIELDS = {%(fields)s, 'kids', 'idx', 'rem', 'rn'}
+local STATE, DISP, ATT, HASRES, RES, ERR, ORIG, SEQ, UPD = 8, 9, 10, 11, 12, 13, 14, 15, 16
+local KIDS, IDX, REM, RN = 17, 18, 19, 20
 local TERMINAL = {completed = true, discarded = true, cancelled = true}
 local WORKFLOW_CANCELLED = %(cancelled)s
 
 local function skey(n) return P .. 's:' .. n end
-local function snap(n) return redis.call('HMGET', skey(n), unpack(FIELDS)) end
-local function snaps(names)
+local function snap(n) return redis.call('HMGET', skey(n), unpack(FIELDS, 1, 16)) end
+
+-- The workflow's counters, read once here and written once by flush().
+local m = redis.call('HMGET', meta, 'cancel', 'label', 'seq', 'out', 'outcome', 'created', 'n')
+if not m[1] then return cjson.encode({'unknown'}) end
+local W = {cancel = m[1] == '1', label = m[2], seq = tonumber(m[3]), out = tonumber(m[4]),
+           outcome = m[5], created = m[6], n = m[7], fin = false}
+
+-- Steps are read once (one HMGET) into a table, changed there, and written by flush().
+local cache = {}
+local function get(n)
+  local v = cache[n]
+  if v then return v end
+  v = redis.call('HMGET', skey(n), unpack(FIELDS))
+  if not v[STATE] then return nil end
+  v.name, v.dirty, v.had_err, v.had_res = n, {}, v[ERR] ~= false, v[RES] ~= false
+  cache[n] = v
+  return v
+end
+local function set(v, i, value) v[i] = value; v.dirty[i] = true end
+local function snapshot(v)
   local out = {}
-  for i = 1, #names do out[i] = snap(names[i]) end
+  for i = 1, 16 do out[i] = v[i] end
   return out
 end
 
--- What a transition did, for the caller: records.Settlement.
-local function settlement(applied, step, released, cancelled, finish)
-  return {applied, step, snaps(released), snaps(cancelled), finish,
-          redis.call('HGET', meta, 'label')}
+local function flush()
+  for n, v in pairs(cache) do
+    local args, dels = {}, {}
+    for i in pairs(v.dirty) do
+      if v[i] then
+        args[#args + 1] = FIELDS[i]
+        args[#args + 1] = v[i]
+      elseif (i == ERR and v.had_err) or (i == RES and v.had_res) then
+        dels[#dels + 1] = FIELDS[i]
+      end
+    end
+    if #args > 0 then redis.call('HSET', skey(n), unpack(args)) end
+    if #dels > 0 then redis.call('HDEL', skey(n), unpack(dels)) end
+  end
+  local args = {'seq', W.seq, 'out', W.out}
+  if W.cancel then args[#args + 1] = 'cancel'; args[#args + 1] = '1' end
+  if W.fin then
+    args[#args + 1] = 'outcome'; args[#args + 1] = W.outcome
+    args[#args + 1] = 'fin'; args[#args + 1] = W.fin
+  end
+  redis.call('HSET', meta, unpack(args))
 end
 
-local function stamp(n)
-  local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  redis.call('HSET', skey(n), 'seq', seq, 'upd', now)
+local function stamp(v)
+  W.seq = W.seq + 1
+  set(v, SEQ, W.seq)
+  set(v, UPD, now)
 end
 
-local function tolerates(ic, id, state)
-  return state == 'completed' or (state == 'cancelled' and ic == '1')
-    or (state == 'discarded' and id == '1')
+local function tolerates(v, state)
+  return state == 'completed' or (state == 'cancelled' and v[6] == '1')
+    or (state == 'discarded' and v[7] == '1')
 end
 
 -- records._cascade_reason; 'rn' is the Python repr() of a step's name.
-local function reason(dep, state, origin)
-  local origin_repr = 'None'
-  if origin then origin_repr = redis.call('HGET', skey(origin), 'rn') or 'None' end
-  return 'dependency ' .. redis.call('HGET', skey(dep), 'rn') .. ' was ' .. state
-    .. ' (failure began at ' .. origin_repr .. ')'
+local function reason(dep)
+  local origin = 'None'
+  if dep[ORIG] then origin = get(dep[ORIG])[RN] end
+  return 'dependency ' .. dep[RN] .. ' was ' .. dep[STATE] .. ' (failure began at ' .. origin .. ')'
 end
 
 -- A step reaches a terminal state: one less outstanding, remember it if it failed.
-local function terminate(n, state, err, origin)
-  local key = skey(n)
-  redis.call('HSET', key, 'state', state)
-  if err then redis.call('HSET', key, 'err', err) else redis.call('HDEL', key, 'err') end
-  if origin then redis.call('HSET', key, 'orig', origin) end
-  redis.call('HINCRBY', meta, 'out', -1)
-  if state ~= 'completed' then
-    redis.call('ZADD', P .. 'failed', redis.call('HGET', key, 'idx'), n)
-  end
-  stamp(n)
+local function terminate(v, state, err, origin)
+  set(v, STATE, state)
+  set(v, ERR, err or false)
+  if origin then set(v, ORIG, origin) end
+  W.out = W.out - 1
+  if state ~= 'completed' then redis.call('ZADD', P .. 'failed', v[IDX], v.name) end
+  stamp(v)
 end
 
 -- records._propagate: release or cancel the dependents of a settled step, transitively.
 local function propagate(first, released, cancelled)
-  local cancel_requested = redis.call('HGET', meta, 'cancel') == '1'
   local stack = {first}
   while #stack > 0 do
     local dep = table.remove(stack)
-    local d = redis.call('HMGET', skey(dep), 'state', 'orig', 'kids')
-    local kids = cjson.decode(d[3])
+    local kids = cjson.decode(dep[KIDS])
     for i = 1, #kids do
-      local child = kids[i]
-      local key = skey(child)
-      local c = redis.call('HMGET', key, 'state', 'disp', 'ic', 'id')
-      if c[1] == 'pending' and tonumber(c[2]) == 0 then
+      local c = get(kids[i])
+      if c[STATE] == 'pending' and tonumber(c[DISP]) == 0 then
         local err, origin = nil, nil
-        if not tolerates(c[3], c[4], d[1]) then
-          err, origin = reason(dep, d[1], d[2]), d[2] or child
-        elseif redis.call('HINCRBY', key, 'rem', -1) > 0 then
-          -- still waiting for another dependency
-        elseif cancel_requested then
-          err, origin = WORKFLOW_CANCELLED, child
+        if not tolerates(c, dep[STATE]) then
+          err, origin = reason(dep), dep[ORIG] or c.name
         else
-          redis.call('HSET', key, 'disp', 1, 'upd', now)
-          released[#released + 1] = child
+          set(c, REM, tonumber(c[REM]) - 1)
+          if c[REM] > 0 then
+            -- still waiting for another dependency
+          elseif W.cancel then
+            err, origin = WORKFLOW_CANCELLED, c.name
+          else
+            set(c, DISP, 1)
+            set(c, UPD, now)
+            released[#released + 1] = c
+          end
         end
         if err then
-          terminate(child, 'cancelled', err, origin)
-          cancelled[#cancelled + 1] = child
-          stack[#stack + 1] = child
+          terminate(c, 'cancelled', err, origin)
+          cancelled[#cancelled + 1] = c
+          stack[#stack + 1] = c
         end
       end
     end
@@ -155,13 +191,17 @@ end
 
 -- records._claim_finish: won by the transition that settles the last outstanding step.
 local function claim()
-  local m = redis.call('HMGET', meta, 'out', 'outcome', 'created', 'n')
-  if m[2] or tonumber(m[1]) > 0 then return false end
+  if W.outcome or W.out > 0 then return false end
   local failed = redis.call('ZRANGE', P .. 'failed', 0, -1)
-  local outcome = 'completed'
-  if #failed > 0 then outcome = 'failed' end
-  local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  redis.call('HSET', meta, 'outcome', outcome, 'fin', now)
+  W.outcome = 'completed'
+  if #failed > 0 then W.outcome = 'failed' end
+  W.seq = W.seq + 1
+  W.fin = now
+  return {W.outcome, failed, W.n, W.created, now, W.seq}
+end
+
+-- Once finished, every key of the workflow lives for the retention.
+local function expire_all(finish)
   local jobs = redis.call('LRANGE', P .. 'jobs', 0, -1)
   if retention >= 0 then
     local names = redis.call('LRANGE', P .. 'steps', 0, -1)
@@ -171,124 +211,125 @@ local function claim()
     end
   end
   if G ~= '' then
-    redis.call('ZREM', G .. 'live', ARGV[5])
+    redis.call('ZREM', G .. 'live', wid)
     if retention >= 0 then
       for i = 1, #jobs do redis.call('PEXPIRE', G .. 'job:' .. jobs[i], retention) end
     end
     jobs = {}
   end
-  return {outcome, failed, m[4], m[3], now, seq, jobs}
+  finish[#finish + 1] = jobs
 end
 
-if redis.call('EXISTS', meta) == 0 then return {'unknown'} end
+-- Commit, then what a transition did, for the caller: records.Settlement.
+local function settlement(applied, v, released, cancelled, finish)
+  flush()
+  if finish then expire_all(finish) end
+  local r, c = {}, {}
+  for i = 1, #released do r[i] = snapshot(released[i]) end
+  for i = 1, #cancelled do c[i] = snapshot(cancelled[i]) end
+  return {applied, v and snapshot(v) or false, r, c, finish, W.label or false}
+end
 """
 
-# ARGV[5] = workflow id, ARGV[6] = step, ARGV[7] = dispatch
+# ARGV[6] = step, ARGV[7] = dispatch
 _BEGIN = """
-local name, dispatch = ARGV[6], tonumber(ARGV[7])
-local key = skey(name)
-local s = redis.call('HMGET', key, 'state', 'disp', 'rem', 'deps', 'ic', 'id')
-if not s[1] then return {'nostep'} end
-if TERMINAL[s[1]] or dispatch < tonumber(s[2]) then return {'skip', snap(name)} end
+local dispatch = tonumber(ARGV[7])
+local v = get(ARGV[6])
+if not v then return cjson.encode({'nostep'}) end
+if TERMINAL[v[STATE]] or dispatch < tonumber(v[DISP]) then
+  return cjson.encode({'skip', snapshot(v)})
+end
 
 local function cancel_at_gate(err, origin)
   local released, cancelled = {}, {}
-  terminate(name, 'cancelled', err, origin)
-  propagate(name, released, cancelled)
-  local finish = claim()
-  local step = snap(name)
-  return {'skip', step, settlement(1, step, released, cancelled, finish)}
+  terminate(v, 'cancelled', err, origin)
+  propagate(v, released, cancelled)
+  local out = settlement(1, v, released, cancelled, claim())
+  return cjson.encode({'skip', out[2], out})
 end
 
-if redis.call('HGET', meta, 'cancel') == '1' then
-  return cancel_at_gate(WORKFLOW_CANCELLED, name)
-end
-if tonumber(s[3]) > 0 then
+if W.cancel then return cancel_at_gate(WORKFLOW_CANCELLED, v.name) end
+if tonumber(v[REM]) > 0 then
   -- Not released by its dependencies (a stray or early message): look at each of them.
-  local deps = cjson.decode(s[4])
+  local deps = cjson.decode(v[5])
   local ready = true
   for i = 1, #deps do
-    local d = redis.call('HMGET', skey(deps[i]), 'state', 'orig')
-    if not TERMINAL[d[1]] then
+    local d = get(deps[i])
+    if not TERMINAL[d[STATE]] then
       ready = false
-    elseif not tolerates(s[5], s[6], d[1]) then
-      return cancel_at_gate(reason(deps[i], d[1], d[2]), d[2] or name)
+    elseif not tolerates(v, d[STATE]) then
+      return cancel_at_gate(reason(d), d[ORIG] or v.name)
     end
   end
   if not ready then
-    stamp(name)
-    return {'snooze', snap(name)}
+    stamp(v)
+    flush()
+    return cjson.encode({'snooze', snapshot(v)})
   end
 end
-redis.call('HSET', key, 'state', 'executing', 'disp', math.max(tonumber(s[2]), dispatch))
-redis.call('HINCRBY', key, 'att', 1)
-redis.call('HDEL', key, 'err')
-stamp(name)
-return {'run', snap(name)}
+set(v, STATE, 'executing')
+set(v, DISP, math.max(tonumber(v[DISP]), dispatch))
+set(v, ATT, tonumber(v[ATT]) + 1)
+set(v, ERR, false)
+stamp(v)
+flush()
+return cjson.encode({'run', snapshot(v)})
 """
 
 # ARGV[6] = step, ARGV[7] = "1" when an error follows, ARGV[8] = error
 _RETRYING = """
-local name = ARGV[6]
-local state = redis.call('HGET', skey(name), 'state')
-if not state then return {'nostep'} end
-if state ~= 'executing' then return {'stale'} end
-redis.call('HSET', skey(name), 'state', 'retryable')
-if ARGV[7] == '1' then
-  redis.call('HSET', skey(name), 'err', ARGV[8])
-else
-  redis.call('HDEL', skey(name), 'err')
-end
-stamp(name)
-return {'ok', snap(name)}
+local v = get(ARGV[6])
+if not v then return cjson.encode({'nostep'}) end
+if v[STATE] ~= 'executing' then return cjson.encode({'stale'}) end
+set(v, STATE, 'retryable')
+set(v, ERR, ARGV[7] == '1' and ARGV[8])
+stamp(v)
+flush()
+return cjson.encode({'ok', snapshot(v)})
 """
 
 # ARGV[6] = step, [7] = state, [8] = has_result "1"/"0", [9] = "1" when a result follows,
 # [10] = result JSON, [11] = "1" when an error follows, [12] = error,
 # [13] = the seq the step must still have ("" for any: the backstop passes one)
 _SETTLE = """
-local name, state = ARGV[6], ARGV[7]
-local key = skey(name)
-local s = redis.call('HMGET', key, 'state', 'seq')
-if not s[1] then return {'nostep'} end
-if TERMINAL[s[1]] or (ARGV[13] ~= '' and s[2] ~= ARGV[13]) then
-  return {'ok', settlement(0, snap(name), {}, {}, false)}
+local state = ARGV[7]
+local v = get(ARGV[6])
+if not v then return cjson.encode({'nostep'}) end
+if TERMINAL[v[STATE]] or (ARGV[13] ~= '' and tostring(v[SEQ]) ~= ARGV[13]) then
+  return cjson.encode({'ok', {0, snapshot(v), {}, {}, false, W.label or false}})
 end
-redis.call('HSET', key, 'hasres', ARGV[8])
-if ARGV[9] == '1' then
-  redis.call('HSET', key, 'res', ARGV[10])
-else
-  redis.call('HDEL', key, 'res')
-end
-local err, origin = nil, nil
-if ARGV[11] == '1' then err = ARGV[12] end
-if state ~= 'completed' then origin = name end
-terminate(name, state, err, origin)
+set(v, HASRES, ARGV[8])
+set(v, RES, ARGV[9] == '1' and ARGV[10])
+local origin = nil
+if state ~= 'completed' then origin = v.name end
+terminate(v, state, ARGV[11] == '1' and ARGV[12], origin)
 local released, cancelled = {}, {}
-propagate(name, released, cancelled)
-local finish = claim()
-return {'ok', settlement(1, snap(name), released, cancelled, finish)}
+propagate(v, released, cancelled)
+return cjson.encode({'ok', settlement(1, v, released, cancelled, claim())})
 """
 
 _CANCEL = """
-local m = redis.call('HMGET', meta, 'outcome', 'cancel')
-if m[1] or m[2] == '1' then return {'ok', settlement(0, false, {}, {}, false)} end
-redis.call('HSET', meta, 'cancel', '1')
+if W.outcome or W.cancel then
+  return cjson.encode({'ok', {0, false, {}, {}, false, W.label or false}})
+end
+W.cancel = true
 local cancelled = {}
 local names = redis.call('LRANGE', P .. 'steps', 0, -1)
 for i = 1, #names do
-  if redis.call('HGET', skey(names[i]), 'state') == 'pending' then
-    terminate(names[i], 'cancelled', WORKFLOW_CANCELLED, names[i])
-    cancelled[#cancelled + 1] = names[i]
+  local v = get(names[i])
+  if v[STATE] == 'pending' then
+    terminate(v, 'cancelled', WORKFLOW_CANCELLED, v.name)
+    cancelled[#cancelled + 1] = v
   end
 end
-local finish = claim()
-return {'ok', settlement(1, false, {}, cancelled, finish)}
+return cjson.encode({'ok', settlement(1, false, {}, cancelled, claim())})
 """
 
 _LOAD = """
 local names = redis.call('LRANGE', P .. 'steps', 0, -1)
-return {'ok', redis.call('HGETALL', meta), snaps(names)}
+local steps = {}
+for i = 1, #names do steps[i] = snap(names[i]) end
+return {'ok', redis.call('HGETALL', meta), steps}
 """
 
 # ARGV[6..] = step names
@@ -353,6 +394,9 @@ SCRIPTS = {
 
 
 def _text(value: Any) -> Any:
+    """A reply value as Python: bytes decoded, Lua's false (a missing field) as None."""
+    if value is False:
+        return None
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -520,6 +564,8 @@ class RedisStore(Store):
             raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
 
     def _checked(self, reply: Any, workflow_id: str, step: str | None = None) -> Any:
+        if isinstance(reply, (str, bytes)):  # the transitions answer in one JSON string
+            reply = json.loads(reply)
         status = _text(reply[0])
         if status == "unknown":
             raise UnknownWorkflow(workflow_id)
