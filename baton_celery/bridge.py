@@ -227,22 +227,12 @@ class Publisher:
             sent = 0
             try:
                 self._connection()
-                for body in bodies:
-                    self._producer.publish(
-                        json.dumps(body, separators=(",", ":")),
-                        exchange=self.exchange,
-                        routing_key="",
-                        # Declare on publish: on Redis an undeclared exchange is taken
-                        # for a direct one (the message lands in a list nobody reads);
-                        # on RabbitMQ a missing one closes the channel with 404.
-                        declare=[self.exchange],
-                        content_type="application/json",
-                        content_encoding="utf-8",
-                        delivery_mode=1,
-                        retry=True,
-                        retry_policy=self.retry_policy,
-                    )
-                    sent += 1
+                # kombu >= 5.7 can pipeline a burst (Redis: one round trip, one client).
+                batch: Any = getattr(self._producer, "batch", None)
+                use_batch = batch is not None and len(bodies) > 1
+                with batch(max_size=len(bodies)) if use_batch else contextlib.nullcontext():
+                    self._publish_each(bodies)
+                sent = len(bodies)
             except Exception as exc:
                 lost = len(bodies) - sent
                 self.dropped += lost
@@ -251,6 +241,23 @@ class Publisher:
                 self._reset_connection()
             finally:
                 self.published += sent
+
+    def _publish_each(self, bodies: list[dict[str, Any]]) -> None:
+        for body in bodies:
+            self._producer.publish(
+                json.dumps(body, separators=(",", ":")),
+                exchange=self.exchange,
+                routing_key="",
+                # Declare on publish: on Redis an undeclared exchange is taken for a
+                # direct one (the message lands in a list nobody reads); on RabbitMQ a
+                # missing one closes the channel with 404.
+                declare=[self.exchange],
+                content_type="application/json",
+                content_encoding="utf-8",
+                delivery_mode=1,
+                retry=True,
+                retry_policy=self.retry_policy,
+            )
 
     def _reset_connection(self) -> None:
         conn, self._conn, self._producer = self._conn, None, None

@@ -1,0 +1,95 @@
+"""The bridge's publishing side: configuration, envelope, exchange, and a publisher that
+never fails the caller."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+
+import baton_celery
+from baton_celery import bridge
+from baton_celery.bridge import Publisher, bridge_exchange, envelope, process_token
+from baton_celery.config import Config
+from baton_celery.events import StepUpdated, event_from_dict, utcnow
+
+
+def an_event() -> StepUpdated:
+    return StepUpdated("w", "lbl", "a", "t", "completed", "j", 1, True, None, utcnow())
+
+
+def test_bridge_settings_have_defaults_and_parse_strings() -> None:
+    app = Celery("cfg", set_as_current=False)
+    config = Config.from_app(app)
+    assert config.bridge is False and config.bridge_background is True
+    assert config.bridge_exchange == "baton_celery.events"
+    assert config.bridge_reorder_window == 2.0 and config.bridge_max_message == 65536
+    app.conf.baton_bridge = "true"
+    app.conf.baton_bridge_background = "off"
+    app.conf.baton_bridge_reorder_window = "0.5"
+    config = Config.from_app(app)
+    assert config.bridge is True and config.bridge_background is False
+    assert config.bridge_reorder_window == 0.5
+
+
+def test_the_exchange_flags_are_fixed() -> None:
+    ex = bridge_exchange("x")
+    assert (ex.type, ex.durable, ex.auto_delete, ex.delivery_mode) == ("fanout", False, False, 1)
+
+
+def test_envelope_carries_seq_origin_and_a_result_free_event() -> None:
+    event = an_event()
+    body = envelope(event, 7)
+    assert body["v"] == 1 and body["seq"] == 7 and body["origin"] == process_token()
+    assert event_from_dict(body["event"]) == event
+    assert "result" not in body["event"]
+
+
+@pytest.fixture
+def app() -> Iterator[Celery]:
+    app = Celery("bridge-unit", broker="memory://", set_as_current=False)
+    app.conf.baton_store = "memory://"
+    baton_celery.install(app)
+    yield app
+    baton_celery.uninstall(app)
+
+
+def test_publish_is_a_no_op_when_the_bridge_is_off(app: Celery) -> None:
+    runtime = baton_celery.install(app)
+    bridge.publish(runtime, an_event(), 1)
+    assert runtime not in bridge._by_runtime
+
+
+def test_a_broker_that_cannot_be_reached_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = Celery("down", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app.conf.update(baton_store="memory://", baton_bridge=True, baton_bridge_publish_retries=0)
+    app.conf.broker_connection_timeout = 0.5
+    publisher = Publisher(app, Config.from_app(app))
+    with caplog.at_level(logging.ERROR, "baton_celery.bridge"):
+        publisher.publish(an_event(), 1)
+        assert publisher.flush(10)
+    publisher.close()
+    assert publisher.dropped == 1 and publisher.published == 0
+    assert "could not publish 1 event(s)" in caplog.text
+
+
+def test_a_full_queue_drops_and_logs(app: Celery, caplog: pytest.LogCaptureFixture) -> None:
+    app.conf.baton_bridge_queue_size = 1
+    publisher = Publisher(app, Config.from_app(app))
+    publisher._adopt_process()
+    publisher._thread = threading.current_thread()  # stands in for a stuck sender
+    try:
+        with caplog.at_level(logging.ERROR, "baton_celery.bridge"):
+            publisher.publish(an_event(), 1)
+            publisher.publish(an_event(), 2)
+    finally:
+        publisher._thread = None
+        publisher._queue.get_nowait()
+        publisher._queue.task_done()
+    assert publisher.dropped == 1
+    assert "publish queue is full" in caplog.text

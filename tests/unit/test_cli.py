@@ -1,0 +1,66 @@
+"""``celery baton``'s formatting and the status command (click's runner, memory store)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+from celery.bin.base import CLIContext
+from click.testing import CliRunner
+
+import baton_celery
+from baton_celery.cli import Board, baton, format_event
+from baton_celery.events import StepUpdated, WorkflowFinished, utcnow
+from baton_celery.stores.records import StepRecord, WorkflowRecord
+
+
+@pytest.fixture
+def app() -> Iterator[Celery]:
+    app = Celery("cli-unit", broker="memory://", set_as_current=False)
+    app.conf.baton_store = "memory://"
+    baton_celery.install(app)
+    yield app
+    baton_celery.uninstall(app)
+
+
+def test_format_event_lines() -> None:
+    step = StepUpdated("w1", "etl", "load", "t", "retryable", "j", 2, False, "boom", utcnow())
+    assert format_event(step).split()[1:] == [
+        "w1", "etl", "load", "retryable", "attempt=2", "error='boom'",
+    ]  # fmt: skip
+    done = WorkflowFinished("w1", None, "failed", ("load",), utcnow())
+    assert format_event(done).split()[1:] == ["w1", "-", "FINISHED", "failed", "failed=load"]
+
+
+def test_board_renders_workflows_and_steps() -> None:
+    board = Board()
+    board.apply(StepUpdated("w1", "etl", "a", "t", "executing", "j", 1, False, None, utcnow()))
+    board.apply(StepUpdated("w1", "etl", "a", "t", "completed", "j", 1, True, None, utcnow()))
+    board.apply(WorkflowFinished("w1", "etl", "completed", (), utcnow()))
+    text = board.render()
+    assert "w1  etl  [completed]" in text
+    assert any(line.split()[:2] == ["a", "completed"] for line in text.splitlines())
+
+
+def test_status_prints_steps_and_outcome(app: Celery) -> None:
+    store = baton_celery.install(app).store
+    steps = {
+        "a": StepRecord("a", "t", "ja", {}, state="completed", attempt=1),
+        "b": StepRecord("b", "t", "jb", {}, deps=("a",)),
+    }
+    store.create(WorkflowRecord("wf-1", "etl", steps))
+    result = CliRunner().invoke(baton, ["status", "wf-1"], obj=CLIContext(app, True, None))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "outcome: running" in lines
+    assert [line.split()[:3] for line in lines[-2:]] == [
+        ["a", "completed", "1"],
+        ["b", "pending", "0"],
+    ]
+
+
+def test_status_of_an_unknown_workflow_exits_2(app: Celery) -> None:
+    result = CliRunner().invoke(baton, ["status", "nope"], obj=CLIContext(app, True, None))
+    assert result.exit_code == 2
+    assert "no workflow nope" in result.output
