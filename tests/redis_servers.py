@@ -82,6 +82,7 @@ class LocalRedis:
     def __init__(self, directory: Path | None = None, *, port: int | None = None) -> None:
         self.port = port or spare_port()
         self.dir = directory or Path(tempfile.mkdtemp(prefix=f"baton-redis-{self.port}-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
