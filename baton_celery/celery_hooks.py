@@ -230,9 +230,19 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     runtime = runtime_for(app) if app is not None else None
     if runtime is None:
         return
+    if runtime.store.shared_across_processes:
+        return
+    # worker_init fires before Celery resolves pool_cls: it may still be an alias string
+    # ("prefork", "processes") or a class.
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
     pool = getattr(sender, "pool_cls", None)
-    pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
-    if "prefork" in str(pool_name) and not runtime.store.shared_across_processes:
+    try:
+        pool = get_implementation(pool) if isinstance(pool, str) else pool
+    except Exception:  # an unknown alias is Celery's to report
+        return
+    if isinstance(pool, type) and issubclass(pool, PreforkPool):
         logger.error(MEMORY_UNDER_PREFORK, runtime.config.store)
 
 
@@ -261,6 +271,24 @@ def _disconnect_receivers() -> None:
 _GATE_ANNOTATION = {"@before_start": _gate_before_start}
 
 
+def _with_gate(annotation: dict[str, Any]) -> dict[str, Any]:
+    """The user's ``"*"`` annotation with the gate outermost around their before_start.
+
+    Celery applies ``"@before_start"`` as an around-wrapper and a plain ``"before_start"``
+    by replacing the method: either would otherwise drop the gate, so both are composed.
+    """
+    merged = dict(annotation)
+    around = merged.pop("@before_start", None)
+    plain = merged.pop("before_start", None)
+    if around is None and plain is None:
+        merged.update(_GATE_ANNOTATION)
+    elif around is not None:
+        merged["@before_start"] = lambda original: _gate_before_start(around(original))
+    else:
+        merged["@before_start"] = lambda _original: _gate_before_start(plain)
+    return merged
+
+
 def _install_gate(app: Any) -> None:
     """Wrap every task's before_start with the gate, through task annotations.
 
@@ -273,7 +301,7 @@ def _install_gate(app: Any) -> None:
     entries = [e for e in entries if e is not None]
     for i, entry in enumerate(entries):
         if isinstance(entry, dict) and "*" in entry:
-            entries[i] = {**entry, "*": {**_GATE_ANNOTATION, **entry["*"]}}
+            entries[i] = {**entry, "*": _with_gate(entry["*"])}
             break
     else:
         entries.append({"*": dict(_GATE_ANNOTATION)})

@@ -54,7 +54,8 @@ def emit_step(
         job_id=step.job_id,
         attempt=step.attempt,
         has_result=step.has_result,
-        error=error if error is not None else step.error,
+        # The store keeps the whole text; events carry it cut to baton_max_error_length.
+        error=runtime.error_text(error if error is not None else step.error),
     )
     bridge.publish(runtime, event, step.seq)
 

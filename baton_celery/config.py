@@ -57,7 +57,7 @@ class Config:
             retention=float(get("retention", cls.retention)),
             snooze_delay=float(get("snooze_delay", cls.snooze_delay)),
             max_error_length=int(get("max_error_length", cls.max_error_length)),
-            store_results=bool(get("store_results", cls.store_results)),
+            store_results=_flag(get("store_results", cls.store_results)),
             bridge=_flag(get("bridge", cls.bridge)),
             bridge_exchange=str(get("bridge_exchange", cls.bridge_exchange)),
             bridge_background=_flag(get("bridge_background", cls.bridge_background)),

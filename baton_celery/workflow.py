@@ -309,6 +309,9 @@ class WorkflowHandle:
         cancelled step gets its event, and the workflow finishes "failed" once."""
         runtime = _runtime(self.app)
         out = runtime.store.cancel(self.id)
+        # Announce what the store committed before revoking: a revoke that fails (broker
+        # down) must not lose the cancelled events or the only WorkflowFinished.
+        announce(runtime, out)
         record = runtime.store.load(self.id)
         queued = [s.job_id for s in out.cancelled if s.dispatch]
         retrying = [s.job_id for s in record.steps.values() if s.state == RETRYABLE]
@@ -317,7 +320,6 @@ class WorkflowHandle:
             self.app.control.revoke(queued + retrying)
         if terminate and running:
             self.app.control.revoke(running, terminate=True)
-        announce(runtime, out)
 
 
 def _finished_event(record: WorkflowRecord) -> WorkflowFinished:

@@ -45,23 +45,48 @@ class SQLiteStore(RecordStore):
         self.timeout = timeout
         self.retention = retention
         self._local = threading.local()
+        # The connections this process opened, with their threads: close() closes the
+        # caller's and those of threads that have ended (Python 3.13 warns about any left
+        # to the garbage collector). Inherited ones are dropped, not closed, after a fork.
+        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._conns_pid = os.getpid()
+        self._conns_lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             return conn
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(SCHEMA)
+        conn = None
+        try:
+            directory = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(directory, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            if conn is not None:
+                conn.close()
+            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        with self._conns_lock:
+            if self._conns_pid != os.getpid():  # inherited through fork(): not ours to close
+                self._conns, self._conns_pid = [], os.getpid()
+            self._conns.append((threading.current_thread(), conn))
         self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
+        """Close this thread's connection and those of threads that have ended; another
+        live thread's connection may be in use, so it stays open."""
+        me = threading.current_thread()
+        with self._conns_lock:
+            if self._conns_pid != os.getpid():
+                self._conns, self._conns_pid = [], os.getpid()
+            done = [(t, c) for t, c in self._conns if t is me or not t.is_alive()]
+            self._conns = [(t, c) for t, c in self._conns if (t, c) not in done]
+        for _, conn in done:
             conn.close()
         self._local.conn = None
 
