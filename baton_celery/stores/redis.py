@@ -79,6 +79,15 @@ local WORKFLOW_CANCELLED = %(cancelled)s
 
 local function skey(n) return P .. 's:' .. n end
 local function snap(n) return redis.call('HMGET', skey(n), unpack(FIELDS, 1, 16)) end
+-- Read with a step's small fields; the bulky ones only when needed (a fan-in step's deps
+-- can be long: its parents' settles must not read them).
+local SIG, DEPS = 4, 5
+local LIGHT = {}
+for i = 1, #FIELDS do
+  if i ~= SIG and i ~= DEPS and i ~= RES and i ~= KIDS then LIGHT[#LIGHT + 1] = i end
+end
+local LIGHT_NAMES = {}
+for i = 1, #LIGHT do LIGHT_NAMES[i] = FIELDS[LIGHT[i]] end
 
 -- The workflow's counters, read once here and written once by flush().
 local m = redis.call('HMGET', meta, 'cancel', 'label', 'seq', 'out', 'outcome', 'created', 'n')
@@ -91,14 +100,27 @@ local cache = {}
 local function get(n)
   local v = cache[n]
   if v then return v end
-  v = redis.call('HMGET', skey(n), unpack(FIELDS))
+  local light = redis.call('HMGET', skey(n), unpack(LIGHT_NAMES))
+  v = {}
+  for i = 1, #LIGHT do v[LIGHT[i]] = light[i] end
   if not v[STATE] then return nil end
-  v.name, v.dirty, v.had_err, v.had_res = n, {}, v[ERR] ~= false, v[RES] ~= false
+  v.name, v.dirty, v.had_err, v.loaded = n, {}, v[ERR] ~= false, false
   cache[n] = v
+  return v
+end
+local function heavy(v)  -- sig, deps, res and kids, read once
+  if not v.loaded then
+    local h = redis.call('HMGET', skey(v.name), 'sig', 'deps', 'res', 'kids')
+    for _, i in ipairs({SIG, DEPS, RES, KIDS}) do
+      if not v.dirty[i] then v[i] = h[_] end
+    end
+    v.had_res, v.loaded = h[3] ~= false, true
+  end
   return v
 end
 local function set(v, i, value) v[i] = value; v.dirty[i] = true end
 local function snapshot(v)
+  heavy(v)
   local out = {}
   for i = 1, 16 do out[i] = v[i] end
   return out
@@ -160,7 +182,7 @@ local function propagate(first, released, cancelled)
   local stack = {first}
   while #stack > 0 do
     local dep = table.remove(stack)
-    local kids = cjson.decode(dep[KIDS])
+    local kids = cjson.decode(heavy(dep)[KIDS])
     for i = 1, #kids do
       local c = get(kids[i])
       if c[STATE] == 'pending' and tonumber(c[DISP]) == 0 then
@@ -251,7 +273,7 @@ end
 if W.cancel then return cancel_at_gate(WORKFLOW_CANCELLED, v.name) end
 if tonumber(v[REM]) > 0 then
   -- Not released by its dependencies (a stray or early message): look at each of them.
-  local deps = cjson.decode(v[5])
+  local deps = cjson.decode(heavy(v)[DEPS])
   local ready = true
   for i = 1, #deps do
     local d = get(deps[i])
@@ -298,6 +320,7 @@ if not v then return cjson.encode({'nostep'}) end
 if TERMINAL[v[STATE]] or (ARGV[13] ~= '' and tostring(v[SEQ]) ~= ARGV[13]) then
   return cjson.encode({'ok', {0, snapshot(v), {}, {}, false, W.label or false}})
 end
+heavy(v)
 set(v, HASRES, ARGV[8])
 set(v, RES, ARGV[9] == '1' and ARGV[10])
 local origin = nil
