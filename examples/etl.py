@@ -10,7 +10,8 @@ workflows of the same shape::
     extract_users ──┘
 
 The second run's ``validate`` fails for good, so ``load`` and ``report`` are cancelled and
-the workflow finishes "failed". The worker prints every event as it happens.
+the workflow finishes "failed". The events happen in the worker's processes; this process
+receives them over the broker (``baton_celery.listen``) and prints each as it arrives.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from etl_app import enrich, extract, load, report, validate  # noqa: E402
+from etl_app import app, enrich, extract, load, report, validate  # noqa: E402
 
-from baton_celery import Workflow, WorkflowFinished  # noqa: E402
+import baton_celery  # noqa: E402
+from baton_celery import Event, StepUpdated, Workflow, WorkflowFinished  # noqa: E402
 
 
 def etl(label: str, strict: bool) -> Workflow:
@@ -39,7 +41,24 @@ def etl(label: str, strict: bool) -> Workflow:
     )
 
 
+def say(text: str) -> None:
+    """One write per line: the listener's thread prints too."""
+    sys.stdout.write(text + "\n")
+
+
+def print_event(workflow_id: str, event: Event) -> None:
+    """A receiver: each event as it arrives from the workers."""
+    where = f"[{event.workflow_label} {workflow_id[:8]}]"
+    if isinstance(event, StepUpdated):
+        detail = f"  ({event.error})" if event.error else ""
+        say(f"{where} {event.step_name:<15} {event.state:<10} attempt={event.attempt}{detail}")
+    else:
+        failed = f" failed_steps={list(event.failed_steps)}" if event.failed_steps else ""
+        say(f"{where} FINISHED {event.outcome}{failed}")
+
+
 def main() -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     worker = subprocess.Popen(
         [
             sys.executable,
@@ -60,17 +79,17 @@ def main() -> int:
         ],
         cwd=HERE,
     )
+    baton_celery.subscribe_all(print_event)
+    outcomes: list[WorkflowFinished] = []
     try:
-        outcomes: list[WorkflowFinished] = []
-        for label, strict in (("nightly-etl", False), ("nightly-etl-bad-data", True)):
-            handle = etl(label, strict).apply_async()
-            print(f"started workflow {label} ({handle.id})", flush=True)
-            finished = handle.wait(timeout=60)
-            outcomes.append(finished)
-            status = handle.status()
-            print(f"{label}: {finished.outcome}; steps:", flush=True)
-            for name, step in status.steps.items():
-                print(f"    {name:<15} {step.state:<10} attempts={step.attempt}", flush=True)
+        with baton_celery.listen(app):  # returns once its subscription is live
+            for label, strict in (("nightly-etl", False), ("nightly-etl-bad-data", True)):
+                handle = etl(label, strict).apply_async()
+                say(f"started workflow {label} ({handle.id})")
+                outcomes.append(handle.wait(timeout=60))  # woken by the live finish
+                say(f"{label}: {outcomes[-1].outcome}; steps, as the store has them:")
+                for name, step in handle.status().steps.items():
+                    say(f"    {name:<15} {step.state:<10} attempts={step.attempt}")
     finally:
         worker.terminate()
         worker.wait(timeout=30)

@@ -1,7 +1,8 @@
 """The example's Celery app: an ETL workflow's tasks, on the embedded default setup.
 
 No server is needed: the broker is kombu's filesystem transport (messages are files in
-a folder) and baton's store is its default, a SQLite file. Run a worker on it with::
+a folder) and baton's store is a SQLite file. The workers publish their events on the
+broker (``baton_bridge``); ``examples/etl.py`` listens to them. Run a worker with::
 
     celery -A etl_app worker -P prefork -c 2
 
@@ -37,6 +38,7 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,  # print() from the event receiver goes straight to stdout
     baton_store="sqlite:///" + os.path.join(HERE, "baton.sqlite3"),
+    baton_bridge=True,  # workers publish every event on the broker, for listen() elsewhere
 )
 baton_celery.install(app)
 
@@ -72,21 +74,3 @@ def load(table: str) -> str:
 @app.task
 def report() -> str:
     return "report sent"
-
-
-def print_event(workflow_id: str, event: baton_celery.Event) -> None:
-    """Runs in the worker's processes: each event as it happens."""
-    short = workflow_id[:8]
-    if isinstance(event, baton_celery.StepUpdated):
-        detail = f"  ({event.error})" if event.error else ""
-        print(
-            f"[{event.workflow_label} {short}] {event.step_name:<17} {event.state:<10}"
-            f" attempt={event.attempt}{detail}",
-            flush=True,
-        )
-    else:
-        failed = f" failed_steps={list(event.failed_steps)}" if event.failed_steps else ""
-        print(f"[{event.workflow_label} {short}] FINISHED {event.outcome}{failed}", flush=True)
-
-
-baton_celery.subscribe_all(print_event)
