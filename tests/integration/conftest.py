@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import kombu.pools
 import pytest
 import redis
 from it_support import (
@@ -69,6 +70,9 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         baton_celery.unsubscribe_all(forwarder)
         session.delete_keys()
         _delete_broker_leftovers(session)
+        # The client apps' broker connections live in kombu's process-wide pools, shared
+        # by every app with the same broker URL: close them once, at the very end.
+        kombu.pools.reset()
 
 
 def _delete_broker_leftovers(session: Session) -> None:
@@ -110,7 +114,6 @@ def _cluster(session: Session, name: str, broker: str, workers: int) -> Iterator
     finally:
         cluster.stop()
         cluster.delete_broker_objects()
-        cluster.app.pool.force_close_all()  # the client's broker connections
         cluster.app.close()
 
 

@@ -120,6 +120,10 @@ class Cluster:
     def db(self) -> redis.Redis:
         return self.session.db
 
+    def main_sources(self) -> set[str]:
+        """The ``source`` of events sent by the workers' main processes (not the pool)."""
+        return {f"{w.node}/{w.process.pid}" for w in self.workers}
+
     def diagnose(self) -> str:
         return "\n".join(w.log_tail() for w in self.workers)
 

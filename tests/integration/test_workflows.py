@@ -377,6 +377,10 @@ def test_revoke_queued_step(cluster: Cluster, steps: Steps) -> None:
 
     (queued,) = step_events(events, "queued")
     assert (queued["state"], queued["attempt"], queued["error"]) == ("cancelled", 0, "revoked")
+    # task_revoked runs in the worker's main process: it settled the step and the finish.
+    main = cluster.main_sources()
+    assert queued["source"] in main
+    assert finishes(events)[0]["source"] in main
     assert states(events, "child") == states(events, "grandchild") == ["cancelled"]
     assert "failure began at 'queued'" in terminal(events, "grandchild")[0]["error"]
     assert steps.calls("queued") == 0
@@ -454,6 +458,8 @@ def test_cancel_terminate_kills_running_step(cluster: Cluster, steps: Steps) -> 
     running = step_events(events, "running")
     assert [(e["state"], e["attempt"]) for e in running] == [("executing", 1), ("cancelled", 1)]
     assert running[-1]["error"] == "revoked and terminated (signal 15)"
+    assert running[-1]["source"] in cluster.main_sources()
+    assert finishes(events)[0]["source"] in cluster.main_sources()
     assert states(events, "after") == ["cancelled"]
     assert step_events(events, "after")[0]["error"] == "workflow cancelled"
     assert steps.calls("running") == 1 and steps.calls("after") == 0
