@@ -22,8 +22,10 @@ __all__ = [
     "SHARED_REDIS_URL",
     "LocalCluster",
     "LocalRedis",
+    "delete_session_keys",
     "shared_redis_url",
     "spare_port",
+    "unique_prefix",
     "unit_cluster",
 ]
 
@@ -32,9 +34,25 @@ SHARED_REDIS_URL = "redis://127.0.0.1:6379/11"
 START_TIMEOUT = 20.0
 
 
+#: Every key prefix this process hands out starts with this: a session deletes its own.
+SESSION_PREFIX = f"baton-test-{uuid.uuid4().hex[:8]}"
+
+
 def shared_redis_url(prefix: str | None = None) -> str:
     """A store URL on the shared Redis with a key prefix unique to the caller."""
-    return f"{SHARED_REDIS_URL}?key_prefix={prefix or 'baton-test-' + uuid.uuid4().hex[:10]}"
+    return f"{SHARED_REDIS_URL}?key_prefix={prefix or unique_prefix()}"
+
+
+def unique_prefix() -> str:
+    return f"{SESSION_PREFIX}-{uuid.uuid4().hex[:10]}"
+
+
+def delete_session_keys() -> None:
+    """Delete what this session's stores left on the shared Redis (its prefixes only)."""
+    client = redis.Redis.from_url(SHARED_REDIS_URL, socket_timeout=30)
+    for key in client.scan_iter(match=f"{SESSION_PREFIX}-*", count=1000):
+        client.delete(key)
+    client.close()
 
 
 def _free(port: int) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from redis_servers import LocalRedis, shared_redis_url, spare_port, unit_cluster
+from redis_servers import LocalRedis, shared_redis_url, spare_port, unique_prefix, unit_cluster
 
 import baton_celery
 from baton_celery.stores import Store, StoreError, UnknownWorkflow, store_from_url
@@ -28,7 +28,7 @@ BACKENDS = ["single", "cluster"]
 
 @pytest.fixture(params=BACKENDS)
 def redis_store(request: pytest.FixtureRequest) -> Iterator[RedisStore]:
-    prefix = f"baton-test-{uuid.uuid4().hex[:10]}"
+    prefix = unique_prefix()
     if request.param == "single":
         url = shared_redis_url(prefix)
     else:
@@ -313,7 +313,7 @@ def test_a_restarted_redis_is_used_again(tmp_path: Any) -> None:
 
 
 def test_a_ready_client_can_be_the_store() -> None:
-    prefix = f"baton-test-{uuid.uuid4().hex[:10]}"
+    prefix = unique_prefix()
     client = redis.Redis.from_url("redis://127.0.0.1:6379/11")  # bytes replies
     store = store_from_url(client)  # type: ignore[arg-type]
     assert isinstance(store, RedisStore) and store.client is client

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from redis_servers import shared_redis_url, unique_prefix, unit_cluster  # see conftest.py
 
 from baton_celery.stores import Store, StoreError, UnknownWorkflow, store_from_url
 from baton_celery.stores.records import RUN, SKIP, SNOOZE, StepRecord, WorkflowRecord
@@ -47,6 +48,8 @@ class Backend:
 STORE_URLS = [
     Backend("memory://", shared=False),
     Backend("sqlite:///{tmp}/contract.sqlite3", shared=True),
+    Backend(lambda tmp: shared_redis_url(), shared=True, name="redis"),
+    Backend(lambda tmp: f"{unit_cluster().url}?key_prefix={unique_prefix()}", True, "cluster"),
 ]
 # --------------------------------------------------------------------------------------
 
