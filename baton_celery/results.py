@@ -6,7 +6,6 @@ from typing import Any
 
 from celery import current_task
 
-from .events import COMPLETED
 from .identity import identity_of
 from .runtime import runtime_for
 
@@ -34,6 +33,4 @@ def dependency_results() -> dict[str, Any]:
     runtime = runtime_for(task.app) if ident is not None else None
     if ident is None or runtime is None:
         raise NotAStepError("dependency_results() must be called inside a running workflow step")
-    record = runtime.store.load(ident.workflow_id)
-    deps = record.steps[ident.step].deps
-    return {d: record.steps[d].result for d in deps if record.steps[d].state == COMPLETED}
+    return runtime.store.dependency_results(ident.workflow_id, ident.step)

@@ -95,6 +95,13 @@ class Store(abc.ABC):
             if record.steps[n].state == COMPLETED and record.steps[n].has_result
         }
 
+    def dependency_results(self, workflow_id: str, step: str) -> dict[str, Any]:
+        """The results of ``step``'s completed dependencies by name (None for one that
+        returned nothing); what :func:`baton_celery.dependency_results` gives a step."""
+        record = self.load(workflow_id)
+        steps = record.steps
+        return {d: steps[d].result for d in steps[step].deps if steps[d].state == COMPLETED}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the store may be used again afterwards."""
 

@@ -364,6 +364,18 @@ end
 return {'ok', out}
 """
 
+# ARGV[6] = step: the results of its completed dependencies
+_DEPENDENCY_RESULTS = """
+local v = get(ARGV[6])
+if not v then return cjson.encode({'nostep'}) end
+local out = {}
+for _, dep in ipairs(cjson.decode(heavy(v)[DEPS])) do
+  local d = redis.call('HMGET', skey(dep), 'state', 'res')
+  if d[1] == 'completed' then out[#out + 1] = {dep, d[2]} end
+end
+return cjson.encode({'ok', out})
+"""
+
 # ARGV[5] = workflow id, ARGV[6] = created (the live index's score), ARGV[7] = the meta
 # hash as a JSON list of strings, ARGV[8..] = one JSON list per step: name, job, then
 # field/value pairs. Runs without the prelude's existence check.
@@ -409,6 +421,7 @@ SCRIPTS = {
     "cancel": _PRELUDE_SOURCE + _CANCEL,
     "load": _PRELUDE_SOURCE + _LOAD,
     "results": _PRELUDE_SOURCE + _RESULTS,
+    "dependency_results": _PRELUDE_SOURCE + _DEPENDENCY_RESULTS,
     "create": _CREATE,
 }
 
@@ -712,6 +725,11 @@ class RedisStore(Store):
             if _text(state) == "completed" and _text(has_result) == "1":
                 out[name] = None if result is None else json.loads(result)
         return out
+
+    def dependency_results(self, workflow_id: str, step: str) -> dict[str, Any]:
+        reply = self._call("dependency_results", workflow_id, step)
+        pairs = self._checked(reply, workflow_id, step)[1]
+        return {name: None if _text(res) is None else json.loads(res) for name, res in pairs}
 
     def live_workflows(self, before: float | None = None) -> list[str]:
         import redis

@@ -342,3 +342,27 @@ def test_a_ready_client_in_the_app_config() -> None:
 def test_key_prefix_must_not_hold_a_hash_tag() -> None:
     with pytest.raises(ValueError, match="braces"):
         store_from_url("redis://127.0.0.1:6379/11?key_prefix=a{b}")
+
+
+def test_dependency_results_reads_only_the_steps_dependencies(redis_store: RedisStore) -> None:
+    memory = MemoryStore()
+    wid = f"wf-{uuid.uuid4()}"
+    steps = {
+        "a": StepRecord("a", "t", f"{wid}/a", {}, dispatch=1),
+        "none": StepRecord("none", "t", f"{wid}/n", {}, dispatch=1),
+        "bad": StepRecord("bad", "t", f"{wid}/b", {}, dispatch=1),
+        "other": StepRecord("other", "t", f"{wid}/o", {}, dispatch=1),
+        "last": StepRecord("last", "t", f"{wid}/l", {}, deps=("a", "none", "bad", "a")),
+    }
+    for store in (memory, redis_store):
+        store.create(
+            WorkflowRecord(wid, None, {n: dataclasses.replace(s) for n, s in steps.items()})
+        )
+        store.settle(wid, "a", "completed", has_result=True, result={"rows": [1]})
+        store.settle(wid, "none", "completed")
+        store.settle(wid, "bad", "discarded", error="E")
+        store.settle(wid, "other", "completed", has_result=True, result="not a dependency")
+    expected = {"a": {"rows": [1]}, "none": None}
+    assert memory.dependency_results(wid, "last") == expected
+    assert redis_store.dependency_results(wid, "last") == expected
+    assert redis_store.dependency_results(wid, "a") == {}
