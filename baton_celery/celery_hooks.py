@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -40,6 +41,8 @@ MEMORY_UNDER_PREFORK = (
     "worker with -P solo / -P threads."
 )
 
+# Set on a request when its retry was marked before Celery published it.
+RETRY_MARKED_ATTR = "baton_retry_marked"
 # The gate decision for the current request, set in task_prerun, read in before_start.
 GATE_ATTR = "baton_gate"
 # For a snoozed request: the step's publication number when it was snoozed.
@@ -155,17 +158,56 @@ def on_task_success(sender: Any = None, result: Any = None, **_: Any) -> None:
         announce(runtime, out)
 
 
-def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
-    found = _step_of(sender, request)
+def _mark_retrying_first(retry: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a task class's retry so the step is marked retryable before Celery publishes
+    the retry message.
+
+    Celery publishes the retry inside Task.retry and sends task_retry only afterwards:
+    with a short countdown the next attempt can start in another pool process first, and
+    a late "retryable" would then overwrite the running attempt (and come out after its
+    "executing"). Marking here keeps retryable(n) before executing(n + 1); on_task_retry
+    then skips the request. Eager calls and a retry Celery will refuse
+    (MaxRetriesExceededError) are left to the signals.
+    """
+
+    def retry_after_marking(self: Any, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        with _guard("retry", getattr(request, "id", None)):
+            limit = kwargs.get("max_retries")
+            if limit is None:
+                limit = self.max_retries
+            if (
+                not request.called_directly
+                and not request.is_eager
+                and (limit is None or request.retries + 1 <= limit)
+            ):
+                exc = kwargs.get("exc")
+                if exc is None and len(args) >= 3:
+                    exc = args[2]  # Task.retry(args, kwargs, exc, ...)
+                _mark_retrying(self, request, exc if exc is not None else sys.exc_info()[1])
+        return retry(self, *args, **kwargs)
+
+    retry_after_marking._baton_gate = True  # type: ignore[attr-defined]
+    return retry_after_marking
+
+
+def _mark_retrying(task: Any, request: Any, cause: Any) -> None:
+    found = _step_of(task, request)
     if found is None:
         return
     runtime, ident = found
     with _guard("task_retry", getattr(request, "id", None)):
-        # reason is the Retry exception; its .exc is what the task raised, when known.
-        cause = getattr(reason, "exc", None) or reason
         step = runtime.store.retrying(ident.workflow_id, ident.step, runtime.error_text(cause))
+        setattr(request, RETRY_MARKED_ATTR, True)
         if step is not None:
             emit_step(runtime, "retryable", ident.workflow_id, ident.workflow_label, step)
+
+
+def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+    if getattr(request, RETRY_MARKED_ATTR, False):
+        return  # already marked by retry_after_marking, before the retry was published
+    # reason is the Retry exception; its .exc is what the task raised, when known.
+    _mark_retrying(sender, request, getattr(reason, "exc", None) or reason)
 
 
 def on_task_failure(
@@ -268,25 +310,43 @@ def _disconnect_receivers() -> None:
         signal.disconnect(receiver, dispatch_uid=f"baton_celery.{receiver.__name__}")
 
 
-_GATE_ANNOTATION = {"@before_start": _gate_before_start}
+# The Task methods baton wraps on every task class, and the wrapper for each.
+_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "before_start": _gate_before_start,
+    "retry": _mark_retrying_first,
+}
+_GATE_ANNOTATION = {f"@{method}": wrap for method, wrap in _WRAPPERS.items()}
 
 
 def _with_gate(annotation: dict[str, Any]) -> dict[str, Any]:
-    """The user's ``"*"`` annotation with the gate outermost around their before_start.
+    """The user's ``"*"`` annotation with baton's wrappers outermost around theirs.
 
-    Celery applies ``"@before_start"`` as an around-wrapper and a plain ``"before_start"``
-    by replacing the method: either would otherwise drop the gate, so both are composed.
+    Celery applies ``"@method"`` as an around-wrapper and a plain ``"method"`` by
+    replacing the method: either would otherwise drop baton's, so both are composed.
     """
     merged = dict(annotation)
-    around = merged.pop("@before_start", None)
-    plain = merged.pop("before_start", None)
-    if around is None and plain is None:
-        merged.update(_GATE_ANNOTATION)
-    elif around is not None:
-        merged["@before_start"] = lambda original: _gate_before_start(around(original))
-    else:
-        merged["@before_start"] = lambda _original: _gate_before_start(plain)
+    for method, wrap in _WRAPPERS.items():
+        around = merged.pop(f"@{method}", None)
+        plain = merged.pop(method, None)
+        if around is not None:
+            merged[f"@{method}"] = _compose(wrap, around)
+        elif plain is not None:
+            merged[f"@{method}"] = _compose(wrap, _replacing(plain))
+        else:
+            merged[f"@{method}"] = wrap
     return merged
+
+
+def _replacing(plain: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A plain annotation (it replaces the method) as an around-wrapper."""
+    return lambda _original: plain
+
+
+def _compose(
+    outer: Callable[[Callable[..., Any]], Callable[..., Any]],
+    inner: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return lambda original: outer(inner(original))
 
 
 def _install_gate(app: Any) -> None:
@@ -310,8 +370,9 @@ def _install_gate(app: Any) -> None:
     if app.finalized:
         for task in app.tasks.values():
             cls = type(task)
-            if not getattr(cls.before_start, "_baton_gate", False):
-                cls.add_around("before_start", _gate_before_start)
+            for method, wrap in _WRAPPERS.items():
+                if not getattr(getattr(cls, method), "_baton_gate", False):
+                    cls.add_around(method, wrap)
 
 
 def install(app: Any) -> Runtime:
