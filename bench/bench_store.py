@@ -76,15 +76,26 @@ def cost_per_step(store: RedisStore, shape: str, n: int, total: int = 10_000) ->
     return min(passes)
 
 
-def memory_per_step(store: RedisStore, n: int) -> float:
+def memory_per_step(store: RedisStore, n: int) -> tuple[float, float]:
+    """Bytes per step of a live workflow (every step executing): Redis's used_memory
+    delta, and the sum of MEMORY USAGE over the workflow's keys and its job index keys
+    (exact per key, without the keyspace's own growth)."""
     client = store.client
     before = int(client.info("memory")["used_memory"])
     made = record("parallel", n)
     store.create(made)
     for name in made.steps:
-        store.begin(made.id, name, 1)  # live: every step executing
+        store.begin(made.id, name, 1)
     after = int(client.info("memory")["used_memory"])
-    return (after - before) / n
+    base = store._base(made.id)
+    keys = [base + k for k in ("meta", "steps", "jobs")]
+    keys += [f"{base}s:{name}" for name in made.steps]
+    keys += [store._global(f"job:{s.job_id}") for s in made.steps.values()]
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.memory_usage(key, samples=0)
+    usage = sum(int(u or 0) for u in pipe.execute())
+    return (after - before) / n, usage / n
 
 
 def main() -> None:
@@ -105,9 +116,12 @@ def main() -> None:
             spread = max(costs) / min(costs)
             print(f"  {shape:10s}" + "".join(f"{c:10.0f}" for c in costs) + f"   {spread:.2f}")
         print("\nRedis memory per live step (all steps executing), bytes:")
+        print("  steps      used_memory delta   MEMORY USAGE of its keys")
         for n in SIZES:
             sizes = [memory_per_step(store, n) for _ in range(3)]
-            print(f"  {n:>7,d} steps: {statistics.median(sizes):6.0f}")
+            delta = statistics.median(s[0] for s in sizes)
+            usage = statistics.median(s[1] for s in sizes)
+            print(f"  {n:>7,d}  {delta:14.0f}   {usage:18.0f}")
         store.close()
 
 

@@ -50,7 +50,10 @@ class Worker:
                "--without-gossip", "--without-heartbeat", "-n", f"{queue}@%h"]  # fmt: skip
         if events:
             cmd.append("-E")
-        self.process = subprocess.Popen(cmd, cwd=HERE, env=env, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            cmd, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
         if self.db.blpop(["bench:ready"], timeout=60) is None:
             self.stop()
             raise RuntimeError("the benchmark worker did not start")
