@@ -7,10 +7,14 @@ Used by the unit tests (the store contract runs on a real cluster) and by the fa
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -77,6 +81,17 @@ def spare_port(taken: set[int] | None = None) -> int:
     raise RuntimeError("no spare loopback port pair found")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed when the test process dies (Linux), so a
+    killed test run leaves no redis-server behind."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def _wait_until(check: object, what: str, timeout: float = START_TIMEOUT) -> None:
     """Poll ``check()`` (a readiness probe, not a sleep-as-synchronisation) to a deadline."""
     deadline = time.monotonic() + timeout
@@ -116,6 +131,7 @@ class LocalRedis:
              "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
              "--save", "", "--protected-mode", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )  # fmt: skip
         probe = self.client()
         _wait_until(probe.ping, f"redis-server on port {self.port}")
@@ -170,6 +186,7 @@ class LocalCluster:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent,
                 )
             )
         for port in self.ports:
