@@ -200,3 +200,23 @@ def status(ctx: click.Context, workflow_id: str) -> None:
     click.echo(f"{'step':<24} {'state':<10} {'attempt':>7}  error")
     for name, step in found.steps.items():
         click.echo(f"{_short(name, 24):<24} {step.state:<10} {step.attempt:>7}  {step.error or ''}")
+
+
+@baton.command()
+@click.option(
+    "--stuck-after",
+    type=float,
+    default=None,
+    help="Seconds without progress (default: the app's baton_backstop_after, else 3600).",
+)
+@click.option("--every", type=float, default=None, help="Keep sweeping every N seconds.")
+@click.pass_context
+def backstop(ctx: click.Context, stuck_after: float | None, every: float | None) -> None:
+    """Settle steps a crash left hanging (see baton_celery.backstop)."""
+    from . import backstop as sweeper
+
+    try:
+        code = sweeper.run(_app(ctx), stuck_after, every)
+    except KeyboardInterrupt:
+        code = 130
+    ctx.exit(code)

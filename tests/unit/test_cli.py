@@ -64,3 +64,18 @@ def test_status_of_an_unknown_workflow_exits_2(app: Celery) -> None:
     result = CliRunner().invoke(baton, ["status", "nope"], obj=CLIContext(app, True, None))
     assert result.exit_code == 2
     assert "no workflow nope" in result.output
+
+
+def test_backstop_command_discards_a_stuck_step_and_finishes_the_workflow(app: Celery) -> None:
+    store = baton_celery.install(app).store
+    steps = {"a": StepRecord("a", "t", "ja", {}, state="executing", attempt=1, dispatch=1)}
+    store.create(WorkflowRecord("wf-stuck", "etl", steps))
+    with baton_celery.collect_events("wf-stuck") as events:
+        result = CliRunner().invoke(
+            baton, ["backstop", "--stuck-after", "0"], obj=CLIContext(app, True, None)
+        )
+    assert result.exit_code == 0, result.output
+    assert "1 stuck step(s) discarded" in result.output
+    assert events.states("a") == ["discarded"]
+    [finished] = events.finished
+    assert (finished.outcome, finished.failed_steps) == ("failed", ("a",))
