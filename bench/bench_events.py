@@ -247,7 +247,7 @@ def bench_listener(broker: str, per_publisher: int, publishers: int) -> tuple[fl
     return rate, received, total
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/9")
     parser.add_argument("--sink", default="redis://127.0.0.1:6379/9")
@@ -255,7 +255,7 @@ def main() -> None:
     parser.add_argument("--fanout", type=int, default=40, help="fan-out workflows per mode")
     parser.add_argument("--events", type=int, default=20000, help="listener flood, per publisher")
     parser.add_argument("--only-listener", action="store_true", help="just part 3")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"broker {args.broker}; worker: prefork -c 2; store: SQLite; {os.cpu_count()} CPUs")
 
     if args.only_listener:

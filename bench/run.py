@@ -1,7 +1,8 @@
 """Run every benchmark and print the figures: ``python bench/run.py``.
 
-Each benchmark starts a redis-server of its own (the redis-server binary must be on the
-PATH) and real prefork Celery workers; nothing is left behind. Extra arguments go to the
+The store and throughput benchmarks start a redis-server of their own (the redis-server
+binary must be on the PATH); the bridge benchmark uses Redis on 127.0.0.1:6379 (db 9).
+All start real prefork Celery workers; nothing is left behind. Extra arguments go to the
 throughput benchmark (e.g. ``--rounds 5``).
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_events
 import bench_store
 import bench_throughput
 
@@ -20,3 +22,5 @@ if __name__ == "__main__":
     bench_store.main()
     print("\n== workers: throughput and sequential latency ==", flush=True)
     bench_throughput.main(sys.argv[1:])
+    print("\n== broker bridge: finish latency, hot-path cost, listener throughput ==", flush=True)
+    bench_events.main([])
