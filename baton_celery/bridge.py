@@ -15,10 +15,13 @@ update as the transition itself: a listener puts one workflow's events, sent by 
 processes, back in order with it. ``origin`` names the sending process, so a process that
 is both a worker and a listener does not deliver its own events twice.
 
-Publishing is transient (delivery mode 1) and bounded: by default a small background
-thread per process sends the envelopes from a bounded queue, so a task never waits for
-the broker; when the broker is slow or down, envelopes are dropped and logged, never
-retried for long.
+Publishing is transient (delivery mode 1) and bounded: by default inline, in the
+process that produced the event, over one connection per process, with a bounded retry
+policy and the broker connection's own timeouts; an envelope that cannot be sent is
+dropped and logged. ``baton_bridge_background = True`` hands envelopes to a small thread
+per process instead (a task then never waits for the broker), but measured here it cost
+a third of the throughput of fan-out workflows (the thread contends with the task for the
+GIL) against 2% inline, and raised the finish latency (p50 2.72 vs 2.25 ms).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class Config:
     # The broker bridge (baton_celery.bridge / baton_celery.listener):
     bridge: bool = False  # baton_bridge: also publish every event on the broker
     bridge_exchange: str = "baton_celery.events"  # baton_bridge_exchange: the fanout's name
-    bridge_background: bool = True  # baton_bridge_background: publish from a thread
+    bridge_background: bool = False  # baton_bridge_background: publish from a thread
     bridge_queue_size: int = 10000  # baton_bridge_queue_size: events queued per process
     bridge_publish_retries: int = 2  # baton_bridge_publish_retries: per publish
     bridge_flush_timeout: float = 2.0  # baton_bridge_flush_timeout: at process exit

@@ -24,14 +24,14 @@ def an_event() -> StepUpdated:
 def test_bridge_settings_have_defaults_and_parse_strings() -> None:
     app = Celery("cfg", set_as_current=False)
     config = Config.from_app(app)
-    assert config.bridge is False and config.bridge_background is True
+    assert config.bridge is False and config.bridge_background is False
     assert config.bridge_exchange == "baton_celery.events"
     assert config.bridge_reorder_window == 2.0 and config.bridge_max_message == 65536
     app.conf.baton_bridge = "true"
-    app.conf.baton_bridge_background = "off"
+    app.conf.baton_bridge_background = "on"
     app.conf.baton_bridge_reorder_window = "0.5"
     config = Config.from_app(app)
-    assert config.bridge is True and config.bridge_background is False
+    assert config.bridge is True and config.bridge_background is True
     assert config.bridge_reorder_window == 0.5
 
 
@@ -80,6 +80,7 @@ def test_a_broker_that_cannot_be_reached_is_logged_not_raised(
 
 def test_a_full_queue_drops_and_logs(app: Celery, caplog: pytest.LogCaptureFixture) -> None:
     app.conf.baton_bridge_queue_size = 1
+    app.conf.baton_bridge_background = True
     publisher = Publisher(app, Config.from_app(app))
     publisher._adopt_process()
     publisher._thread = threading.current_thread()  # stands in for a stuck sender
