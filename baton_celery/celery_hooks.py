@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 from celery import signals
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
 from .completion import announce, emit_step
 from .config import Config
@@ -185,7 +185,15 @@ def _mark_retrying_first(retry: Callable[..., Any]) -> Callable[..., Any]:
                 if exc is None and len(args) >= 3:
                     exc = args[2]  # Task.retry(args, kwargs, exc, ...)
                 _mark_retrying(self, request, exc if exc is not None else sys.exc_info()[1])
-        return retry(self, *args, **kwargs)
+        try:
+            return retry(self, *args, **kwargs)
+        except Reject as rejected:
+            # Celery could not publish the retry (broker down) and rejects the message:
+            # neither task_failure nor task_retry follows, so the step marked retryable
+            # above would hang. It will not run again: settle it discarded.
+            if getattr(request, RETRY_MARKED_ATTR, False):
+                _discard_unretried(self, request, rejected)
+            raise
 
     retry_after_marking._baton_gate = True  # type: ignore[attr-defined]
     return retry_after_marking
@@ -201,6 +209,17 @@ def _mark_retrying(task: Any, request: Any, cause: Any) -> None:
         setattr(request, RETRY_MARKED_ATTR, True)
         if step is not None:
             emit_step(runtime, "retryable", ident.workflow_id, ident.workflow_label, step)
+
+
+def _discard_unretried(task: Any, request: Any, rejected: Reject) -> None:
+    found = _step_of(task, request)
+    if found is None:
+        return
+    runtime, ident = found
+    with _guard("retry", getattr(request, "id", None)):
+        error = runtime.error_text(f"retry could not be published: {rejected.reason!r}")
+        out = runtime.store.settle(ident.workflow_id, ident.step, DISCARDED, error=error)
+        announce(runtime, out)
 
 
 def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:

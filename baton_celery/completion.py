@@ -20,11 +20,15 @@ from .stores.records import Settlement, StepRecord
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-__all__ = ["announce", "emit_step"]
+__all__ = ["announce", "emit_step", "publish_or_discard"]
 
 logger = logging.getLogger(__name__)
 
 PUBLISH_FAILED = "baton_celery: could not publish step %r of workflow %s; discarding it"
+DISCARD_FAILED = (
+    "baton_celery: could not discard unpublished step %r of workflow %s; the backstop will "
+    "settle it"
+)
 
 _BROADCASTS: dict[str, Callable[..., StepUpdated]] = {
     EXECUTING: pubsub.broadcast_step_started,
@@ -60,6 +64,21 @@ def emit_step(
     bridge.publish(runtime, event, step.seq)
 
 
+def publish_or_discard(runtime: Runtime, wid: str, label: str | None, step: StepRecord) -> None:
+    """Publish a released step; one that cannot be sent is settled "discarded" (it would
+    otherwise keep the workflow open forever). Never raises: the other released steps
+    must still be published."""
+    try:
+        publish_step(runtime.app, wid, label, step)
+    except Exception as exc:
+        logger.exception(PUBLISH_FAILED, step.name, wid)
+        error = runtime.error_text(f"could not be published: {type(exc).__name__}: {exc}")
+        try:
+            announce(runtime, runtime.store.settle(wid, step.name, DISCARDED, error=error))
+        except Exception:
+            logger.exception(DISCARD_FAILED, step.name, wid)
+
+
 def announce(runtime: Runtime, out: Settlement) -> None:
     """Act on a committed settlement: the step's own event, the cascade's events, the
     released dependents, and the finish — in that order."""
@@ -69,13 +88,7 @@ def announce(runtime: Runtime, out: Settlement) -> None:
     for step in out.cancelled:
         emit_step(runtime, CANCELLED, wid, label, step)
     for step in out.released:
-        try:
-            publish_step(runtime.app, wid, label, step)
-        except Exception as exc:
-            # A dependent that cannot be sent would keep the workflow open forever.
-            logger.exception(PUBLISH_FAILED, step.name, wid)
-            error = runtime.error_text(f"could not be published: {type(exc).__name__}: {exc}")
-            announce(runtime, runtime.store.settle(wid, step.name, DISCARDED, error=error))
+        publish_or_discard(runtime, wid, label, step)
     if out.finish is not None:
         finish = out.finish
         event = pubsub.broadcast_workflow_finished(

@@ -29,9 +29,8 @@ from typing import Any, NamedTuple
 from celery.canvas import Signature, _chain, chord, group
 
 from . import pubsub
-from .completion import announce
-from .dispatch import publish_step
-from .events import DISCARDED, EXECUTING, RETRYABLE, WorkflowFinished
+from .completion import announce, publish_or_discard
+from .events import EXECUTING, RETRYABLE, WorkflowFinished
 from .listener import listening
 from .runtime import Runtime, runtime_for
 from .stores.records import StepRecord, WorkflowRecord
@@ -130,13 +129,7 @@ class Workflow:
         runtime.store.create(record)
         for step in record.steps.values():
             if step.dispatch:
-                try:
-                    publish_step(app, record.id, record.label, step)
-                except Exception as exc:
-                    error = runtime.error_text(f"could not be published: {exc!r}")
-                    announce(
-                        runtime, runtime.store.settle(record.id, step.name, DISCARDED, error=error)
-                    )
+                publish_or_discard(runtime, record.id, record.label, step)
         return WorkflowHandle(record.id, app, label=record.label)
 
 

@@ -140,6 +140,12 @@ class Harness:
             self._called("doomed", tag, self_.request.retries)
             raise self_.retry(exc=ValueError(f"{tag} is doomed"), countdown=0)
 
+        @app.task(name=f"{prefix}.unretriable", bind=True, max_retries=3)
+        def unretriable(self_: Any, tag: str) -> None:
+            self._called("unretriable", tag, self_.request.retries)
+            # The retry's publish fails (no such serializer): Celery raises Reject.
+            raise self_.retry(exc=OSError(f"{tag} flaked"), countdown=0, serializer="nope")
+
         @app.task(name=f"{prefix}.crash")
         def crash(message: str) -> None:
             self._called("crash", message)
@@ -353,6 +359,25 @@ def test_retry_then_success(h: Harness) -> None:
     assert len({e.job_id for e in s}) == 1  # one Celery task id across retries
     assert h.called("flaky") == ["s", "s", "s"]
     assert handle.status().steps["s"].attempt == 3
+
+
+def test_a_retry_that_cannot_be_published_discards_the_step(h: Harness) -> None:
+    """Celery rejects the message when it cannot publish a retry, and sends neither
+    task_failure nor task_retry: the step baton marked retryable must not hang."""
+    wf = Workflow(label="unretriable").add("s", h.sig("unretriable", "s"))
+    wf.add("after", h.sig("record", "after"), deps=["s"])
+    with h.worker(), collect_events(wf.id) as events:
+        wf.apply_async()
+        [finished] = events.wait_finished(TIMEOUT)
+    assert (finished.outcome, finished.failed_steps) == ("failed", ("s", "after"))
+    s = step_events(events, "s")
+    assert [(e.state, e.attempt) for e in s] == [
+        ("executing", 1),
+        ("retryable", 1),
+        ("discarded", 1),
+    ]
+    assert s[2].error is not None and s[2].error.startswith("retry could not be published")
+    assert h.called("unretriable") == ["s"]
 
 
 # --- failures, cascade, ignore flags -----------------------------------------------
