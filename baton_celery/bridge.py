@@ -117,6 +117,11 @@ class _RateLimitedLog:
 _STOP = object()
 
 
+#: Seconds a bridge publish may wait on a Redis broker's socket.
+SOCKET_TIMEOUT = 2.0
+REDIS_TRANSPORTS = frozenset({"redis", "rediss", "sentinel"})
+
+
 class Publisher:
     """Publishes envelopes for one app, from the calling thread or a background thread.
 
@@ -158,6 +163,10 @@ class Publisher:
         """Forget what the parent process had (after a fork): its queue, thread and
         connection. The inherited connection is dropped, not closed: closing it would send
         a close on a socket the parent still uses."""
+        # A lock inherited through fork() may have been held by a parent thread that
+        # does not exist here: take new ones before anything else.
+        if self._pid != os.getpid():
+            self._lock, self._send_lock = threading.Lock(), threading.Lock()
         with self._lock:
             if self._pid == os.getpid():
                 return
@@ -219,7 +228,15 @@ class Publisher:
 
     def _connection(self) -> Any:
         if self._conn is None:
-            self._conn = self.app.connection_for_write()
+            conn = self.app.connection_for_write()
+            if conn.transport_cls in REDIS_TRANSPORTS:
+                # kombu's Redis transport has no socket timeout by default: a hung (not
+                # refused) broker would block the publishing task for good.
+                conn.release()
+                conn = self.app.connection_for_write(
+                    transport_options={"socket_timeout": SOCKET_TIMEOUT}
+                )
+            self._conn = conn
             self._producer = Producer(  # type: ignore[no-untyped-call]
                 self._conn, exchange=self.exchange, auto_declare=False
             )
