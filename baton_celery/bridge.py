@@ -119,6 +119,8 @@ _STOP = object()
 
 #: Seconds a bridge publish may wait on a Redis broker's socket.
 SOCKET_TIMEOUT = 2.0
+#: Seconds events are dropped without trying, after a send to the broker failed.
+BROKER_BACKOFF = 5.0
 REDIS_TRANSPORTS = frozenset({"redis", "rediss", "sentinel"})
 
 
@@ -154,6 +156,7 @@ class Publisher:
         self._conn: Any = None
         self._producer: Any = None
         self._fail_log = _RateLimitedLog()
+        self._down_until = 0.0  # after a failed send, drop at once until then
         self._full_log = _RateLimitedLog()
         _publishers.add(self)
 
@@ -243,6 +246,11 @@ class Publisher:
         return self._conn
 
     def _send(self, bodies: list[dict[str, Any]]) -> None:
+        if time.monotonic() < self._down_until:
+            # The broker failed us a moment ago: a task must not pay for that again on
+            # every event. Drop (counted) until the back-off ends, then try once more.
+            self.dropped += len(bodies)
+            return
         with self._send_lock:
             sent = 0
             try:
@@ -259,6 +267,7 @@ class Publisher:
                 if self._fail_log.due():
                     logger.error(PUBLISH_FAILED, lost, self.exchange.name, exc)
                 self._reset_connection()
+                self._down_until = time.monotonic() + BROKER_BACKOFF
             finally:
                 self.published += sent
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -76,6 +77,24 @@ def test_a_broker_that_cannot_be_reached_is_logged_not_raised(
     publisher.close()
     assert publisher.dropped == 1 and publisher.published == 0
     assert "could not publish 1 event(s)" in caplog.text
+
+
+def test_after_a_failed_send_events_are_dropped_without_trying_for_a_while() -> None:
+    """A task must not pay the broker's failure on every event: after one failed send the
+    publisher drops at once until its back-off ends, and tries again after that."""
+    app = Celery("down-backoff", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app.conf.update(baton_store="memory://", baton_bridge=True, baton_bridge_publish_retries=0)
+    publisher = Publisher(app, Config.from_app(app))
+    publisher.publish(an_event(), 1)
+    assert publisher.dropped == 1 and publisher._down_until > 0
+    far = publisher._down_until = time.monotonic() + 60
+    publisher.publish(an_event(), 2)
+    # Dropped at once: a send that failed again would have moved the back-off's end.
+    assert publisher.dropped == 2 and publisher._down_until == far
+    publisher._down_until = 0.0  # the back-off is over
+    publisher.publish(an_event(), 3)
+    assert publisher.dropped == 3 and publisher._down_until > 0  # tried, failed again
+    publisher.close()
 
 
 def test_a_full_queue_drops_and_logs(app: Celery, caplog: pytest.LogCaptureFixture) -> None:
