@@ -34,6 +34,8 @@ __all__ = ["baton"]
 TABLE_ROWS = 12
 #: The live table is redrawn at most this often (seconds).
 REDRAW = 0.1
+#: Seconds between reads of the store while watching one workflow.
+STORE_CHECK = 1.0
 #: Cursor home and clear screen: the table is redrawn in place.
 CLEAR = "\x1b[H\x1b[2J"
 
@@ -138,20 +140,31 @@ def watch(ctx: click.Context, workflow_id: str | None, lines: bool, timeout: flo
         click.echo(f"baton: cannot reach {broker} yet; still trying", err=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     outcome: str | None = None
+
+    def stored_outcome() -> str | None:
+        """The store is the source of truth: a finish whose event was lost (a broker
+        restart) still ends the watch."""
+        try:
+            status = WorkflowHandle(workflow_id, app).status()  # type: ignore[arg-type]
+        except UnknownWorkflow:
+            return None
+        board.seed(status)
+        return status.outcome
+
     try:
+        checked = time.monotonic()
         if workflow_id is not None:
-            try:
-                status = WorkflowHandle(workflow_id, app).status()
-            except UnknownWorkflow:
-                status = None
-            if status is not None:
-                board.seed(status)
-                outcome = status.outcome
+            outcome = stored_outcome()
         drawn = 0.0
         while outcome is None:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
+            if workflow_id is not None and time.monotonic() - checked >= STORE_CHECK:
+                checked = time.monotonic()
+                outcome = stored_outcome()
+                if outcome is not None:
+                    break
             try:
                 event = inbox.get(timeout=REDRAW if remaining is None else min(REDRAW, remaining))
             except queue.Empty:
@@ -175,7 +188,10 @@ def watch(ctx: click.Context, workflow_id: str | None, lines: bool, timeout: flo
             unsubscribe_all(receive)
         else:
             unsubscribe(workflow_id, receive)
-    if outcome is not None and workflow_id is not None:
+    if workflow_id is not None:
+        if outcome is None:  # --timeout ran out first
+            click.echo(f"workflow {workflow_id} has not finished", err=True)
+            ctx.exit(2)
         if lines:
             click.echo(f"workflow {workflow_id} finished: {outcome}")
         ctx.exit(0 if outcome == "completed" else 1)

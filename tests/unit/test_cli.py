@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -79,3 +80,34 @@ def test_backstop_command_discards_a_stuck_step_and_finishes_the_workflow(app: C
     assert events.states("a") == ["discarded"]
     [finished] = events.finished
     assert (finished.outcome, finished.failed_steps) == ("failed", ("a",))
+
+
+def test_watch_one_workflow_times_out_with_exit_2(app: Celery) -> None:
+    store = baton_celery.install(app).store
+    store.create(WorkflowRecord("wf-open", "etl", {"a": StepRecord("a", "t", "ja", {})}))
+    result = CliRunner().invoke(
+        baton,
+        ["watch", "--workflow", "wf-open", "--lines", "--timeout", "0.5"],
+        obj=CLIContext(app, True, None),
+    )
+    assert result.exit_code == 2, result.output
+    assert "has not finished" in result.output
+
+
+def test_watch_one_workflow_ends_on_a_finish_it_only_sees_in_the_store(app: Celery) -> None:
+    """The finish's event never reaches the watcher (the bridge is off here, as when it
+    was lost in a broker restart): the store, read every second, still ends the watch."""
+    store = baton_celery.install(app).store
+    store.create(WorkflowRecord("wf-quiet", "etl", {"a": StepRecord("a", "t", "ja", {})}))
+    settle = threading.Timer(0.3, lambda: store.settle("wf-quiet", "a", "discarded", error="x"))
+    settle.start()
+    try:
+        result = CliRunner().invoke(
+            baton,
+            ["watch", "--workflow", "wf-quiet", "--lines", "--timeout", "20"],
+            obj=CLIContext(app, True, None),
+        )
+    finally:
+        settle.join()
+    assert result.exit_code == 1, result.output  # it failed: exit 1
+    assert "workflow wf-quiet finished: failed" in result.output
