@@ -9,7 +9,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import redis
@@ -189,38 +189,41 @@ def test_malformed_messages_are_dropped_and_the_listener_carries_on(bare: Cluste
         assert listener.reconnects == 0 and listener.connections == 1
 
 
+def run_across_a_restart(cluster: Cluster, restart: Callable[[], None]) -> None:
+    """a -> b -> c, with the broker restarted while b runs: the workers and the listener
+    reconnect, and the rest of the run arrives in order with one finish."""
+    tag = unique("t")
+    with collect_events() as log, baton_celery.listen(cluster.app) as listener:
+        assert listener.ready
+        handle = (
+            Workflow(label="restart")
+            .add("a", cluster.step(tag, "a"))
+            .add("b", cluster.step(tag, "b", block=True), deps=["a"])
+            .add("c", cluster.step(tag, "c"), deps=["b"])
+            .apply_async(app=cluster.app)
+        )
+        with log._cond:
+            assert log._cond.wait_for(lambda: log.states("b") == ["executing"], TIMEOUT), list(log)
+        before = listener.connections
+        restart()
+        assert listener.wait_ready(TIMEOUT, after=before), "no reconnection"
+        cluster.release(tag, "b")
+        log.wait_finished(timeout=TIMEOUT)
+        assert handle.wait(timeout=TIMEOUT).outcome == "completed"
+    assert listener.reconnects >= 1
+    assert log.states("a") == ["executing", "completed"]
+    assert log.states("b") == ["executing", "completed"]
+    assert log.states("c") == ["executing", "completed"]
+    assert len(log.finished) == 1 and log[-1] is log.finished[0]
+
+
 def test_redis_restart_during_a_run(tmp_path: Path) -> None:
-    """Our own redis-server (never the shared one) is restarted while a step runs: the
-    workers and the listener reconnect, and the rest of the run arrives in order."""
+    """Our own redis-server (never the shared one) is restarted while a step runs."""
     server = RedisServer(tmp_path)
     server.start()
     try:
         with running_cluster(server.url, tmp_path) as cluster:
-            tag = unique("t")
-            with collect_events() as log, baton_celery.listen(cluster.app) as listener:
-                assert listener.ready
-                handle = (
-                    Workflow(label="restart")
-                    .add("a", cluster.step(tag, "a"))
-                    .add("b", cluster.step(tag, "b", block=True), deps=["a"])
-                    .add("c", cluster.step(tag, "c"), deps=["b"])
-                    .apply_async(app=cluster.app)
-                )
-                with log._cond:
-                    assert log._cond.wait_for(lambda: log.states("b") == ["executing"], TIMEOUT), (
-                        list(log)
-                    )
-                before = listener.connections
-                server.restart()
-                assert listener.wait_ready(TIMEOUT, after=before), "no reconnection"
-                cluster.release(tag, "b")
-                log.wait_finished(timeout=TIMEOUT)
-                assert handle.wait(timeout=TIMEOUT).outcome == "completed"
-            assert listener.reconnects >= 1
-            assert log.states("a") == ["executing", "completed"]
-            assert log.states("b") == ["executing", "completed"]
-            assert log.states("c") == ["executing", "completed"]
-            assert len(log.finished) == 1 and log[-1] is log.finished[0]
+            run_across_a_restart(cluster, server.restart)
     finally:
         server.stop()
 
@@ -229,37 +232,16 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
 
+def restart_rabbitmq() -> None:
+    try:
+        _rabbitmqctl("stop_app")
+    finally:
+        _rabbitmqctl("start_app")
+        _rabbitmqctl("await_startup")
+
+
 def test_rabbitmq_restart_during_a_run(tmp_path: Path) -> None:
     """RabbitMQ's app is stopped and started (rabbitmqctl stop_app / start_app) while a
-    step runs: the listener's exclusive queue is lost with it; the listener reconnects and
-    the rest of the run arrives in order, with one finish."""
+    step runs; the listener's exclusive queue is lost with it."""
     with running_cluster(AMQP_BROKER, tmp_path) as cluster:
-        tag = unique("t")
-        with collect_events() as log, baton_celery.listen(cluster.app) as listener:
-            assert listener.ready
-            handle = (
-                Workflow(label="restart")
-                .add("a", cluster.step(tag, "a"))
-                .add("b", cluster.step(tag, "b", block=True), deps=["a"])
-                .add("c", cluster.step(tag, "c"), deps=["b"])
-                .apply_async(app=cluster.app)
-            )
-            with log._cond:
-                assert log._cond.wait_for(lambda: log.states("b") == ["executing"], TIMEOUT), list(
-                    log
-                )
-            before = listener.connections
-            try:
-                _rabbitmqctl("stop_app")
-            finally:
-                _rabbitmqctl("start_app")
-                _rabbitmqctl("await_startup")
-            assert listener.wait_ready(TIMEOUT, after=before), "no reconnection"
-            cluster.release(tag, "b")
-            log.wait_finished(timeout=TIMEOUT)
-            assert handle.wait(timeout=TIMEOUT).outcome == "completed"
-        assert listener.reconnects >= 1
-        assert log.states("a") == ["executing", "completed"]
-        assert log.states("b") == ["executing", "completed"]
-        assert log.states("c") == ["executing", "completed"]
-        assert len(log.finished) == 1 and log[-1] is log.finished[0]
+        run_across_a_restart(cluster, restart_rabbitmq)
