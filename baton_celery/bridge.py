@@ -55,6 +55,7 @@ __all__ = [
     "flush_all",
     "process_token",
     "publish",
+    "send_envelope",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,26 @@ def process_token() -> str:
 def envelope(event: Event, seq: int) -> dict[str, Any]:
     """The JSON document one event travels in."""
     return {"v": ENVELOPE_VERSION, "seq": seq, "origin": process_token(), "event": event.to_dict()}
+
+
+def send_envelope(
+    producer: Any, exchange: Exchange, body: dict[str, Any], retry_policy: dict[str, Any]
+) -> None:
+    """Publish one JSON envelope on the bridge's exchange: transient, JSON only."""
+    producer.publish(
+        json.dumps(body, separators=(",", ":")),
+        exchange=exchange,
+        routing_key="",
+        # Declare on publish: on Redis an undeclared exchange is taken for a direct one
+        # (the message lands in a list nobody reads); on RabbitMQ a missing one closes
+        # the channel with 404.
+        declare=[exchange],
+        content_type="application/json",
+        content_encoding="utf-8",
+        delivery_mode=1,
+        retry=True,
+        retry_policy=retry_policy,
+    )
 
 
 class _RateLimitedLog:
@@ -273,20 +294,7 @@ class Publisher:
 
     def _publish_each(self, bodies: list[dict[str, Any]]) -> None:
         for body in bodies:
-            self._producer.publish(
-                json.dumps(body, separators=(",", ":")),
-                exchange=self.exchange,
-                routing_key="",
-                # Declare on publish: on Redis an undeclared exchange is taken for a
-                # direct one (the message lands in a list nobody reads); on RabbitMQ a
-                # missing one closes the channel with 404.
-                declare=[self.exchange],
-                content_type="application/json",
-                content_encoding="utf-8",
-                delivery_mode=1,
-                retry=True,
-                retry_policy=self.retry_policy,
-            )
+            send_envelope(self._producer, self.exchange, body, self.retry_policy)
 
     def _reset_connection(self) -> None:
         conn, self._conn, self._producer = self._conn, None, None

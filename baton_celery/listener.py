@@ -35,7 +35,6 @@ and the consumer carries on.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import socket
 import threading
@@ -50,7 +49,7 @@ from kombu.entity import Queue
 from kombu.messaging import Consumer, Producer
 
 from . import pubsub
-from .bridge import ENVELOPE_VERSION, bridge_exchange, process_token
+from .bridge import ENVELOPE_VERSION, bridge_exchange, process_token, send_envelope
 from .config import Config
 from .events import Event, WorkflowFinished, event_from_dict
 from .runtime import runtime_for
@@ -417,16 +416,11 @@ class Listener:
     def _send_probe(self, producer: Any) -> None:
         self._probe = uuid.uuid4().hex
         self._probe_sent = time.monotonic()
-        producer.publish(
-            json.dumps({"v": ENVELOPE_VERSION, "probe": self._probe}),
-            exchange=self.exchange,
-            routing_key="",
-            declare=[self.exchange],
-            content_type="application/json",
-            content_encoding="utf-8",
-            delivery_mode=1,
-            retry=True,
-            retry_policy={"max_retries": 1},
+        send_envelope(
+            producer,
+            self.exchange,
+            {"v": ENVELOPE_VERSION, "probe": self._probe},
+            {"max_retries": 1},
         )
 
     def _on_message(self, message: Any) -> None:
