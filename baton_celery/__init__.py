@@ -18,10 +18,7 @@ Install it on your app, build a workflow, subscribe to its events::
     handle.wait(timeout=60)
 """
 
-from .celery_hooks import install, uninstall
-from .events import STEP_STATES, Event, StepUpdated, WorkflowFinished, event_from_dict
-from .listener import Listener, listen
-from .pubsub import (
+from .broadcasts import (
     broadcast_step_cancelled,
     broadcast_step_completed,
     broadcast_step_discarded,
@@ -29,6 +26,11 @@ from .pubsub import (
     broadcast_step_snoozed,
     broadcast_step_started,
     broadcast_workflow_finished,
+)
+from .events import STEP_STATES, Event, StepUpdated, WorkflowFinished, event_from_dict
+from .install import install, uninstall
+from .listener import Listener, listen
+from .pubsub import (
     subscribe,
     subscribe_all,
     unsubscribe,

@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .completion import announce
+from .announce import announce
 from .events import EXECUTING, RETRYABLE
 from .runtime import Runtime, runtime_for
 from .stores import StoreError, UnknownWorkflow
@@ -185,7 +185,7 @@ def load_app(spec: str) -> Any:
     """The Celery app named like ``celery -A`` does, with baton_celery installed."""
     from celery.app.utils import find_app
 
-    from .celery_hooks import install
+    from .install import install
 
     app = find_app(spec)
     install(app)  # harmless when the app module installed it already

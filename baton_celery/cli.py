@@ -21,8 +21,8 @@ from typing import Any
 
 import click
 
-from .celery_hooks import install
 from .events import Event, StepUpdated, WorkflowFinished
+from .install import install
 from .listener import listen
 from .pubsub import subscribe, subscribe_all, unsubscribe, unsubscribe_all
 from .stores import UnknownWorkflow

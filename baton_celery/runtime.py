@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import weakref
 from typing import Any
 
 from .config import Config
 from .stores import Store, store_from_url
+
+logger = logging.getLogger(__name__)
+
+CHANGED_AFTER_INSTALL = (
+    "baton_celery: %s changed after install(app); using the new value%s. Set baton_* "
+    "settings before calling install(app)."
+)
 
 __all__ = ["Runtime", "runtime_for"]
 
@@ -30,6 +39,7 @@ class Runtime:
         if store is None:
             with self._lock:
                 if self._store is None:
+                    self._take_up_late_settings()
                     configured: Any = self.app.conf.get("baton_store")
                     if isinstance(configured, Store):
                         self._store = configured
@@ -41,6 +51,27 @@ class Runtime:
                         )
                 store = self._store
         return store
+
+    def _take_up_late_settings(self) -> None:
+        """Settings are read at install; one changed before the store's first use in this
+        process (e.g. ``baton_bridge = True`` set after ``install(app)``) is taken up
+        here, loudly, rather than silently ignored."""
+        current = Config.from_app(self.app)
+        changed = [
+            f.name
+            for f in dataclasses.fields(Config)
+            if getattr(current, f.name) != getattr(self.config, f.name)
+        ]
+        if changed:
+            names = ", ".join(f"baton_{n}" for n in changed)
+            logger.warning(CHANGED_AFTER_INSTALL, names, "s" if len(changed) > 1 else "")
+            self.config = current
+
+    def close(self) -> None:
+        """Close the store's connections, if this process opened any."""
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
 
     def error_text(self, exc: BaseException | str | None) -> str | None:
         """``"ValueError: boom"``, cut to ``baton_max_error_length`` characters."""

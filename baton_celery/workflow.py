@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 from celery.canvas import Signature, _chain, chord, group
 
 from . import pubsub
-from .completion import announce, publish_or_discard
+from .announce import announce, publish_or_discard
 from .events import EXECUTING, RETRYABLE, WorkflowFinished
 from .listener import listening
 from .runtime import Runtime, runtime_for

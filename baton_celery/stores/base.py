@@ -8,7 +8,7 @@ from typing import Any, Callable, TypeVar
 
 from ..events import COMPLETED
 from . import records
-from .records import Gate, Settlement, StepRecord, WorkflowRecord
+from .records import Transition, WorkflowRecord
 
 __all__ = ["RecordStore", "Store", "StoreError", "UnknownWorkflow"]
 
@@ -31,7 +31,7 @@ class Store(abc.ABC):
     - ``create`` stores a whole workflow or nothing, and refuses an id that exists.
     - ``begin``, ``retrying``, ``settle`` and ``cancel`` each apply one transition from
       :mod:`baton_celery.stores.records` atomically: of any number of racing callers
-      settling a workflow's last steps, exactly one gets ``Settlement.finish``.
+      settling a workflow's last steps, exactly one gets ``Transition.finish``.
     - A step settles once: a second ``settle`` returns ``applied=False`` and changes nothing.
     - Methods raise :class:`UnknownWorkflow` for an unknown id, :class:`StoreError` when
       the backend fails, and never block for longer than the store's timeout.
@@ -51,10 +51,10 @@ class Store(abc.ABC):
         """The (workflow id, step name) a Celery task id belongs to, if any."""
 
     @abc.abstractmethod
-    def begin(self, workflow_id: str, step: str, dispatch: int) -> Gate: ...
+    def begin(self, workflow_id: str, step: str, dispatch: int) -> Transition: ...
 
     @abc.abstractmethod
-    def retrying(self, workflow_id: str, step: str, error: str | None) -> StepRecord | None: ...
+    def retrying(self, workflow_id: str, step: str, error: str | None) -> Transition: ...
 
     @abc.abstractmethod
     def settle(
@@ -66,12 +66,12 @@ class Store(abc.ABC):
         has_result: bool = False,
         result: Any = None,
         error: str | None = None,
-    ) -> Settlement: ...
+    ) -> Transition: ...
 
     @abc.abstractmethod
-    def cancel(self, workflow_id: str) -> Settlement: ...
+    def cancel(self, workflow_id: str) -> Transition: ...
 
-    def settle_stuck(self, workflow_id: str, step: str, seq: int, error: str) -> Settlement:
+    def settle_stuck(self, workflow_id: str, step: str, seq: int, error: str) -> Transition:
         """Discard ``step`` unless it changed since it was seen with event number ``seq``
         (see :func:`records.settle_stuck`): the backstop's transition."""
         raise NotImplementedError(f"{type(self).__name__} has no backstop support")
@@ -114,10 +114,10 @@ class RecordStore(Store):
     def _transform(self, workflow_id: str, change: Callable[[WorkflowRecord], T]) -> T:
         """Load the record, apply ``change``, save it: all atomically."""
 
-    def begin(self, workflow_id: str, step: str, dispatch: int) -> Gate:
+    def begin(self, workflow_id: str, step: str, dispatch: int) -> Transition:
         return self._transform(workflow_id, lambda r: records.begin(r, step, dispatch))
 
-    def retrying(self, workflow_id: str, step: str, error: str | None) -> StepRecord | None:
+    def retrying(self, workflow_id: str, step: str, error: str | None) -> Transition:
         return self._transform(workflow_id, lambda r: records.mark_retrying(r, step, error))
 
     def settle(
@@ -129,7 +129,7 @@ class RecordStore(Store):
         has_result: bool = False,
         result: Any = None,
         error: str | None = None,
-    ) -> Settlement:
+    ) -> Transition:
         return self._transform(
             workflow_id,
             lambda r: records.settle(
@@ -137,8 +137,8 @@ class RecordStore(Store):
             ),
         )
 
-    def cancel(self, workflow_id: str) -> Settlement:
+    def cancel(self, workflow_id: str) -> Transition:
         return self._transform(workflow_id, records.cancel)
 
-    def settle_stuck(self, workflow_id: str, step: str, seq: int, error: str) -> Settlement:
+    def settle_stuck(self, workflow_id: str, step: str, seq: int, error: str) -> Transition:
         return self._transform(workflow_id, lambda r: records.settle_stuck(r, step, seq, error))

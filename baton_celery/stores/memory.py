@@ -19,7 +19,7 @@ class MemoryStore(RecordStore):
 
     Only one process sees it: under a prefork pool each child and the main process would
     hold their own copy and miss each other's transitions, so installing it there is
-    refused with an error at worker start (see :mod:`baton_celery.celery_hooks`).
+    refused with an error at worker start (see :mod:`baton_celery.hooks`).
     """
 
     shared_across_processes = False

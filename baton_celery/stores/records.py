@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ..events import CANCELLED, COMPLETED, DISCARDED, EXECUTING, RETRYABLE
+from ..events import CANCELLED, COMPLETED, DISCARDED, EXECUTING, RETRYABLE, SNOOZED
 
 __all__ = [
     "PENDING",
@@ -23,9 +23,8 @@ __all__ = [
     "SNOOZE",
     "TERMINAL",
     "Finish",
-    "Gate",
-    "Settlement",
     "StepRecord",
+    "Transition",
     "WorkflowRecord",
     "begin",
     "cancel",
@@ -137,28 +136,34 @@ class Finish:
 
 
 @dataclasses.dataclass
-class Settlement:
+class Transition:
     """What one transition did, for the caller to act on after the store committed.
 
-    ``applied`` is False when the step had already settled: a duplicate that must stay
-    silent. ``cancelled`` holds steps cancelled by this transition (the cascade);
-    ``released`` the dependents that must now be published.
+    Every transition (begin, retrying, settle, cancel, the backstop's) returns one.
+    ``applied`` is False when it changed nothing (a duplicate settle, a stale retry, a
+    message skipped at the gate): then it implies no event. Otherwise ``step`` (when the
+    transition is about one step) has a new event, in :attr:`step_state`; ``cancelled``
+    holds the steps it cancelled (the cascade), ``released`` the dependents that must now
+    be published, and ``finish`` is set on the one transition that won the finish claim.
+    ``decision`` is the gate's answer, for ``begin`` only.
     """
 
     workflow_id: str
     workflow_label: str | None
     applied: bool = False
     step: StepRecord | None = None
+    decision: str | None = None
     released: list[StepRecord] = dataclasses.field(default_factory=list)
     cancelled: list[StepRecord] = dataclasses.field(default_factory=list)
     finish: Finish | None = None
 
-
-@dataclasses.dataclass
-class Gate:
-    decision: str
-    step: StepRecord
-    settlement: Settlement | None = None  # set when the gate itself cancelled the step
+    @property
+    def step_state(self) -> str | None:
+        """The state of the step's own event: its new state, or "snoozed" for a step
+        that stayed pending because its message came too early. None: no event."""
+        if not self.applied or self.step is None:
+            return None
+        return SNOOZED if self.step.state == PENDING else self.step.state
 
 
 def _fail(step: StepRecord, state: str, error: str | None, origin: str | None) -> None:
@@ -171,7 +176,7 @@ def _cascade_reason(dep: StepRecord) -> str:
     return f"dependency {dep.name!r} was {dep.state} (failure began at {dep.origin!r})"
 
 
-def _propagate(record: WorkflowRecord, settled: StepRecord, out: Settlement) -> None:
+def _propagate(record: WorkflowRecord, settled: StepRecord, out: Transition) -> None:
     """Release or cancel the dependents of a step that just settled, transitively."""
     stack = [settled]
     while stack:
@@ -194,7 +199,7 @@ def _propagate(record: WorkflowRecord, settled: StepRecord, out: Settlement) -> 
             stack.append(child)
 
 
-def _claim_finish(record: WorkflowRecord, out: Settlement) -> None:
+def _claim_finish(record: WorkflowRecord, out: Transition) -> None:
     if record.finished or not all(s.settled for s in record.steps.values()):
         return
     failed = record.failed_steps()
@@ -213,16 +218,16 @@ def _claim_finish(record: WorkflowRecord, out: Settlement) -> None:
 
 def _cancel_at_gate(
     record: WorkflowRecord, step: StepRecord, error: str, origin: str | None
-) -> Gate:
-    out = Settlement(record.id, record.label, applied=True, step=step)
+) -> Transition:
+    out = Transition(record.id, record.label, applied=True, step=step, decision=SKIP)
     _fail(step, CANCELLED, error, origin)
     record.stamp(step)
     _propagate(record, step, out)
     _claim_finish(record, out)
-    return Gate(SKIP, step, out)
+    return out
 
 
-def begin(record: WorkflowRecord, name: str, dispatch: int) -> Gate:
+def begin(record: WorkflowRecord, name: str, dispatch: int) -> Transition:
     """A step's message is about to run: decide whether it may, and count the attempt.
 
     ``dispatch`` is the publication number the message carries. A message older than the
@@ -231,7 +236,7 @@ def begin(record: WorkflowRecord, name: str, dispatch: int) -> Gate:
     """
     step = record.steps[name]
     if step.settled or dispatch < step.dispatch:
-        return Gate(SKIP, step)
+        return Transition(record.id, record.label, step=step, decision=SKIP)
     if record.cancel_requested:
         return _cancel_at_gate(record, step, WORKFLOW_CANCELLED, None)
     deps = [record.steps[d] for d in step.deps]
@@ -240,22 +245,26 @@ def begin(record: WorkflowRecord, name: str, dispatch: int) -> Gate:
         # Normally cascaded when the dependency settled; reached only by a stray message.
         return _cancel_at_gate(record, step, _cascade_reason(blocking), blocking.origin)
     if not all(d.settled for d in deps):
-        return Gate(SNOOZE, record.stamp(step))
+        record.stamp(step)
+        return Transition(record.id, record.label, applied=True, step=step, decision=SNOOZE)
     step.state = EXECUTING
     step.dispatch = max(step.dispatch, dispatch)
     step.attempt += 1
     step.error = None
-    return Gate(RUN, record.stamp(step))
+    record.stamp(step)
+    return Transition(record.id, record.label, applied=True, step=step, decision=RUN)
 
 
-def mark_retrying(record: WorkflowRecord, name: str, error: str | None) -> StepRecord | None:
-    """The step failed and Celery will retry it. None when it is not running (stale)."""
+def mark_retrying(record: WorkflowRecord, name: str, error: str | None) -> Transition:
+    """The step failed and Celery will retry it; not applied when it is not running
+    (a stale report)."""
     step = record.steps[name]
     if step.state != EXECUTING:
-        return None
+        return Transition(record.id, record.label, step=step)
     step.state = RETRYABLE
     step.error = error
-    return record.stamp(step)
+    record.stamp(step)
+    return Transition(record.id, record.label, applied=True, step=step)
 
 
 def settle(
@@ -266,15 +275,15 @@ def settle(
     has_result: bool = False,
     result: Any = None,
     error: str | None = None,
-) -> Settlement:
+) -> Transition:
     """The step reached a terminal state: record it, release or cancel its dependents, and
     claim the finish if it was the last outstanding step."""
     if state not in TERMINAL:
         raise ValueError(f"not a terminal state: {state!r}")
     step = record.steps[name]
     if step.settled:
-        return Settlement(record.id, record.label, step=step)
-    out = Settlement(record.id, record.label, applied=True, step=step)
+        return Transition(record.id, record.label, step=step)
+    out = Transition(record.id, record.label, applied=True, step=step)
     step.state = state
     step.has_result = has_result
     step.result = result
@@ -287,20 +296,20 @@ def settle(
     return out
 
 
-def settle_stuck(record: WorkflowRecord, name: str, seq: int, error: str) -> Settlement:
+def settle_stuck(record: WorkflowRecord, name: str, seq: int, error: str) -> Transition:
     """The backstop's transition: discard a step that made no progress since it was seen
     with event number ``seq``. Anything that happened to it since (it started, retried,
     settled) wins: then nothing changes and ``applied`` is False."""
     step = record.steps[name]
     if step.settled or step.seq != seq:
-        return Settlement(record.id, record.label, step=step)
+        return Transition(record.id, record.label, step=step)
     return settle(record, name, DISCARDED, error=error)
 
 
-def cancel(record: WorkflowRecord) -> Settlement:
+def cancel(record: WorkflowRecord) -> Transition:
     """Cancel the workflow: steps that have not started are cancelled now; running ones
     finish (their dependents will not be released); the finish is claimed once all settle."""
-    out = Settlement(
+    out = Transition(
         record.id, record.label, applied=not record.finished and not record.cancel_requested
     )
     if not out.applied:

@@ -38,9 +38,8 @@ from .records import (
     TERMINAL,
     WORKFLOW_CANCELLED,
     Finish,
-    Gate,
-    Settlement,
     StepRecord,
+    Transition,
     WorkflowRecord,
 )
 
@@ -242,7 +241,7 @@ local function expire_all(finish)
   finish[#finish + 1] = jobs
 end
 
--- Commit, then what a transition did, for the caller: records.Settlement.
+-- Commit, then what a transition did, for the caller: records.Transition.
 local function settlement(applied, v, released, cancelled, finish)
   flush()
   if finish then expire_all(finish) end
@@ -250,6 +249,10 @@ local function settlement(applied, v, released, cancelled, finish)
   for i = 1, #released do r[i] = snapshot(released[i]) end
   for i = 1, #cancelled do c[i] = snapshot(cancelled[i]) end
   return {applied, v and snapshot(v) or false, r, c, finish, W.label or false}
+end
+-- A transition about one step alone (nothing released, cancelled or finished).
+local function only(applied, v)
+  return {applied, snapshot(v), {}, {}, false, W.label or false}
 end
 """
 
@@ -259,15 +262,14 @@ local dispatch = tonumber(ARGV[7])
 local v = get(ARGV[6])
 if not v then return cjson.encode({'nostep'}) end
 if TERMINAL[v[STATE]] or dispatch < tonumber(v[DISP]) then
-  return cjson.encode({'skip', snapshot(v)})
+  return cjson.encode({'skip', only(0, v)})
 end
 
 local function cancel_at_gate(err, origin)
   local released, cancelled = {}, {}
   terminate(v, 'cancelled', err, origin)
   propagate(v, released, cancelled)
-  local out = settlement(1, v, released, cancelled, claim())
-  return cjson.encode({'skip', out[2], out})
+  return cjson.encode({'skip', settlement(1, v, released, cancelled, claim())})
 end
 
 if W.cancel then return cancel_at_gate(WORKFLOW_CANCELLED, v.name) end
@@ -286,7 +288,7 @@ if tonumber(v[REM]) > 0 then
   if not ready then
     stamp(v)
     flush()
-    return cjson.encode({'snooze', snapshot(v)})
+    return cjson.encode({'snooze', only(1, v)})
   end
 end
 set(v, STATE, 'executing')
@@ -295,19 +297,19 @@ set(v, ATT, tonumber(v[ATT]) + 1)
 set(v, ERR, false)
 stamp(v)
 flush()
-return cjson.encode({'run', snapshot(v)})
+return cjson.encode({'run', only(1, v)})
 """
 
 # ARGV[6] = step, ARGV[7] = "1" when an error follows, ARGV[8] = error
 _RETRYING = """
 local v = get(ARGV[6])
 if not v then return cjson.encode({'nostep'}) end
-if v[STATE] ~= 'executing' then return cjson.encode({'stale'}) end
+if v[STATE] ~= 'executing' then return cjson.encode({'ok', only(0, v)}) end
 set(v, STATE, 'retryable')
 set(v, ERR, ARGV[7] == '1' and ARGV[8])
 stamp(v)
 flush()
-return cjson.encode({'ok', snapshot(v)})
+return cjson.encode({'ok', only(1, v)})
 """
 
 # ARGV[6] = step, [7] = state, [8] = has_result "1"/"0", [9] = "1" when a result follows,
@@ -318,7 +320,7 @@ local state = ARGV[7]
 local v = get(ARGV[6])
 if not v then return cjson.encode({'nostep'}) end
 if TERMINAL[v[STATE]] or (ARGV[13] ~= '' and tostring(v[SEQ]) ~= ARGV[13]) then
-  return cjson.encode({'ok', {0, snapshot(v), {}, {}, false, W.label or false}})
+  return cjson.encode({'ok', only(0, v)})
 end
 heavy(v)
 set(v, HASRES, ARGV[8])
@@ -666,19 +668,19 @@ class RedisStore(Store):
         workflow_id, step = json.loads(raw)
         return workflow_id, step
 
-    def begin(self, workflow_id: str, step: str, dispatch: int) -> Gate:
+    def begin(self, workflow_id: str, step: str, dispatch: int) -> Transition:
         reply = self._checked(self._call("begin", workflow_id, step, dispatch), workflow_id, step)
-        decision = {"run": RUN, "snooze": SNOOZE, "skip": SKIP}[_text(reply[0])]
-        settlement = self._settlement(workflow_id, reply[2]) if len(reply) > 2 else None
-        return Gate(decision, _step(reply[1]), settlement)
+        out = self._transition(workflow_id, reply[1])
+        out.decision = {"run": RUN, "snooze": SNOOZE, "skip": SKIP}[_text(reply[0])]
+        return out
 
-    def retrying(self, workflow_id: str, step: str, error: str | None) -> StepRecord | None:
+    def retrying(self, workflow_id: str, step: str, error: str | None) -> Transition:
         reply = self._checked(
             self._call("retrying", workflow_id, step, _flag(error is not None), error or ""),
             workflow_id,
             step,
         )
-        return _step(reply[1]) if _text(reply[0]) == "ok" else None
+        return self._transition(workflow_id, reply[1])
 
     def settle(
         self,
@@ -689,10 +691,10 @@ class RedisStore(Store):
         has_result: bool = False,
         result: Any = None,
         error: str | None = None,
-    ) -> Settlement:
+    ) -> Transition:
         return self._settle(workflow_id, step, state, has_result, result, error, "")
 
-    def settle_stuck(self, workflow_id: str, step: str, seq: int, error: str) -> Settlement:
+    def settle_stuck(self, workflow_id: str, step: str, seq: int, error: str) -> Transition:
         return self._settle(workflow_id, step, "discarded", False, None, error, str(seq))
 
     def _settle(
@@ -704,18 +706,18 @@ class RedisStore(Store):
         result: Any,
         error: str | None,
         expect_seq: str,
-    ) -> Settlement:
+    ) -> Transition:
         if state not in TERMINAL:
             raise ValueError(f"not a terminal state: {state!r}")
         encoded = "" if result is None else json.dumps(result)
         args = (state, _flag(has_result), _flag(result is not None), encoded,
                 _flag(error is not None), error or "", expect_seq)  # fmt: skip
         reply = self._checked(self._call("settle", workflow_id, step, *args), workflow_id, step)
-        return self._settlement(workflow_id, reply[1])
+        return self._transition(workflow_id, reply[1])
 
-    def cancel(self, workflow_id: str) -> Settlement:
+    def cancel(self, workflow_id: str) -> Transition:
         reply = self._checked(self._call("cancel", workflow_id), workflow_id)
-        return self._settlement(workflow_id, reply[1])
+        return self._transition(workflow_id, reply[1])
 
     def results(self, workflow_id: str, names: Iterable[str]) -> dict[str, Any]:
         wanted = list(names)
@@ -761,9 +763,9 @@ class RedisStore(Store):
 
     # --- replies -----------------------------------------------------------------------
 
-    def _settlement(self, workflow_id: str, raw: Sequence[Any]) -> Settlement:
+    def _transition(self, workflow_id: str, raw: Sequence[Any]) -> Transition:
         applied, step, released, cancelled, finish, label = raw
-        out = Settlement(
+        out = Transition(
             workflow_id,
             _text(label),
             applied=bool(applied),

@@ -60,7 +60,7 @@ def test_begin_runs_a_root_and_counts_the_first_attempt() -> None:
     record = make_record(("a", ()))
     gate = begin(record, "a", 1)
     assert gate.decision == RUN
-    assert gate.settlement is None
+    assert gate.applied and not gate.cancelled and gate.finish is None
     step = record.steps["a"]
     assert (step.state, step.attempt, step.dispatch) == ("executing", 1, 1)
     assert gate.step is step
@@ -103,7 +103,7 @@ def test_begin_skips_a_settled_step() -> None:
     run(record, "a")
     gate = begin(record, "a", 1)
     assert gate.decision == SKIP
-    assert gate.settlement is None
+    assert not gate.applied and gate.step_state is None
     assert record.steps["a"].attempt == 1
     assert record.steps["a"].state == "completed"
 
@@ -149,15 +149,14 @@ def test_begin_cancels_at_the_gate_when_a_dependency_blocks() -> None:
     assert out.cancelled == []  # b was already published: left to its gate
     gate = begin(record, "b", 1)
     assert gate.decision == SKIP
-    assert gate.settlement is not None
-    assert gate.settlement.applied
-    assert gate.settlement.step is not None and gate.settlement.step.name == "b"
+    assert gate.applied
+    assert gate.step is not None and gate.step.name == "b"
     assert record.steps["b"].state == "cancelled"
     assert record.steps["b"].error is not None and "'a'" in record.steps["b"].error
     assert record.steps["b"].origin == "a"
-    assert [s.name for s in gate.settlement.cancelled] == ["c"]
-    assert gate.settlement.finish is not None
-    assert gate.settlement.finish.failed_steps == ("a", "b", "c")
+    assert [s.name for s in gate.cancelled] == ["c"]
+    assert gate.finish is not None
+    assert gate.finish.failed_steps == ("a", "b", "c")
 
 
 def test_begin_after_cancel_request_cancels_the_step() -> None:
@@ -167,8 +166,8 @@ def test_begin_after_cancel_request_cancels_the_step() -> None:
     gate = begin(record, "a", 1)  # a retry attempt of a running step after cancel
     assert gate.decision == SKIP
     assert record.steps["a"].state == "cancelled"
-    assert gate.settlement is not None and gate.settlement.finish is not None
-    assert gate.settlement.finish.outcome == "failed"
+    assert gate.finish is not None
+    assert gate.finish.outcome == "failed"
 
 
 # --- settle -------------------------------------------------------------------------
@@ -368,7 +367,9 @@ def test_outcome_is_completed_only_when_every_step_completed() -> None:
 def test_mark_retrying_records_the_error_of_a_running_step() -> None:
     record = make_record(("a", ()))
     begin(record, "a", 1)
-    step = mark_retrying(record, "a", "ValueError: once")
+    out = mark_retrying(record, "a", "ValueError: once")
+    assert out.applied and out.step_state == "retryable"
+    step = out.step
     assert step is record.steps["a"]
     assert (step.state, step.error, step.attempt) == ("retryable", "ValueError: once", 1)
 
@@ -381,7 +382,7 @@ def test_mark_retrying_ignores_a_step_that_is_not_running(state: str) -> None:
     elif state == "retryable":
         begin(record, "a", 1)
         mark_retrying(record, "a", "first")
-    assert mark_retrying(record, "a", "stale") is None
+    assert not mark_retrying(record, "a", "stale").applied
     assert record.steps["a"].error != "stale"
 
 
@@ -467,8 +468,8 @@ def test_every_event_gets_the_next_number_in_emission_order() -> None:
     seen: list[int] = []
     seen.append(begin(record, "a", 1).step.seq)  # executing
     retrying = mark_retrying(record, "a", "E: once")
-    assert retrying is not None
-    seen.append(retrying.seq)  # retryable
+    assert retrying.step is not None
+    seen.append(retrying.step.seq)  # retryable
     seen.append(begin(record, "a", 1).step.seq)  # executing again
     gate = begin(record, "b", 0)
     assert gate.decision == SNOOZE
@@ -482,7 +483,7 @@ def test_every_event_gets_the_next_number_in_emission_order() -> None:
 
     assert not settle(record, "a", "completed").applied
     assert begin(record, "a", 1).decision == SKIP
-    assert mark_retrying(record, "b", "stale") is None
+    assert not mark_retrying(record, "b", "stale").applied
     assert record.seq == 7  # none of these is an event
 
     assert begin(record, "d", 1).step.seq == 8

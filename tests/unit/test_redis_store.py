@@ -20,7 +20,7 @@ from redis_servers import LocalRedis, shared_redis_url, spare_port, unique_prefi
 import baton_celery
 from baton_celery.stores import Store, StoreError, UnknownWorkflow, store_from_url
 from baton_celery.stores.memory import MemoryStore
-from baton_celery.stores.records import Gate, Settlement, StepRecord, WorkflowRecord
+from baton_celery.stores.records import StepRecord, Transition, WorkflowRecord
 from baton_celery.stores.redis import RedisStore
 
 BACKENDS = ["single", "cluster"]
@@ -80,11 +80,10 @@ def view(value: Any) -> Any:
         data = dataclasses.asdict(value)
         data.pop("updated_at")
         return data
-    if isinstance(value, Gate):
-        return ("gate", value.decision, view(value.step), view(value.settlement))
-    if isinstance(value, Settlement):
+    if isinstance(value, Transition):
         finish = value.finish
         return (
+            value.decision,
             value.workflow_id,
             value.workflow_label,
             value.applied,

@@ -197,8 +197,8 @@ def test_transitions_are_persisted(store: Store) -> None:
     gate = store.begin(record.id, "a", 1)
     assert gate.decision == RUN
     assert gate.step.attempt == 1
-    step = store.retrying(record.id, "a", "ValueError: once")
-    assert step is not None and step.state == "retryable"
+    out = store.retrying(record.id, "a", "ValueError: once")
+    assert out.applied and out.step is not None and out.step.state == "retryable"
     assert store.load(record.id).steps["a"].error == "ValueError: once"
     assert store.begin(record.id, "a", 1).step.attempt == 2
     out = store.settle(record.id, "a", "completed", has_result=True, result={"n": [1, 2]})
@@ -382,7 +382,7 @@ def test_processes_racing_to_settle_last_steps_finish_exactly_once(
     rows = [row for _, _, batch in reports for row in batch]
     assert len(rows) == workflows * width * 2
     finishes = sorted(wid for wid, _, _, fin in rows if fin)
-    assert finishes == sorted(ids)  # exactly one Settlement.finish per workflow
+    assert finishes == sorted(ids)  # exactly one Transition.finish per workflow
     applied = [(wid, name) for wid, name, ok, _ in rows if ok]
     assert len(applied) == len(set(applied)) == workflows * width
     for wid in ids:

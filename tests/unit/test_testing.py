@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import baton_celery
-from baton_celery import collect_events, pubsub
+from baton_celery import broadcasts, collect_events, pubsub
 from baton_celery.events import StepUpdated, WorkflowFinished
 
 
@@ -27,10 +27,10 @@ def step(workflow_id: str, name: str, state: str) -> StepUpdated:
         "attempt": 1,
     }
     send = {
-        "executing": pubsub.broadcast_step_started,
-        "completed": pubsub.broadcast_step_completed,
-        "retryable": pubsub.broadcast_step_retrying,
-        "cancelled": pubsub.broadcast_step_cancelled,
+        "executing": broadcasts.broadcast_step_started,
+        "completed": broadcasts.broadcast_step_completed,
+        "retryable": broadcasts.broadcast_step_retrying,
+        "cancelled": broadcasts.broadcast_step_cancelled,
     }[state]
     return send(**fields)
 

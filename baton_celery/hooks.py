@@ -1,0 +1,235 @@
+"""Celery signal receivers: a step's lifecycle in, one store transition each, events out.
+
+Every receiver is a :func:`step_hook`: it finds the step the signal is about (one
+getattr on the request: tasks that are not workflow steps, Celery's own included, return
+at once), applies one atomic store transition, and hands the result to
+:func:`~baton_celery.announce.announce`. The decorator runs all of it under the guard: a
+failure of baton or of its store is logged (rate-limited) and never reaches the task.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from typing import Any, Callable, NamedTuple
+
+from .announce import announce
+from .events import CANCELLED, COMPLETED, DISCARDED
+from .guard import log_failure
+from .identity import identity_of
+from .runtime import Runtime, runtime_for
+
+__all__ = ["RECEIVERS", "StepRef", "step_hook"]
+
+logger = logging.getLogger(__name__)
+
+UNSERIALIZABLE = (
+    "baton_celery: the result of step %r (workflow %s) is not JSON-serializable; "
+    "it is not stored, dependency_results() will not include it"
+)
+MEMORY_UNDER_PREFORK = (
+    "baton_celery: baton_store is %r, which only this process can see, but this worker "
+    "runs a prefork pool: step events from the pool's processes would be missed. Use "
+    "the default SQLite store (leave baton_store unset) or 'sqlite:///path', or run the "
+    "worker with -P solo / -P threads."
+)
+
+# Set on a request when its retry was marked before Celery published it (task_wrappers).
+RETRY_MARKED_ATTR = "baton_retry_marked"
+# The gate decision for the current request, set in task_prerun, read in before_start.
+GATE_ATTR = "baton_gate"
+# For a snoozed request: the step's publication number when it was snoozed.
+SNOOZE_DISPATCH_ATTR = "baton_snooze_dispatch"
+
+
+class StepRef(NamedTuple):
+    """The step a signal is about, and the installed app's runtime."""
+
+    runtime: Runtime
+    workflow_id: str
+    step: str
+    dispatch: int
+
+
+def step_of(app: Any, request: Any) -> StepRef | None:
+    """The step a request runs, or None when it is not a step (or baton is not installed
+    on the app)."""
+    ident = identity_of(request)
+    if ident is None:
+        return None
+    runtime = runtime_for(app)
+    if runtime is None:
+        return None
+    return StepRef(runtime, ident.workflow_id, ident.step, ident.dispatch)
+
+
+Finder = Callable[[Any, dict[str, Any]], "StepRef | None"]
+Body = Callable[[StepRef, Any, dict[str, Any]], None]
+
+
+def _current_request(sender: Any, kwargs: dict[str, Any]) -> StepRef | None:
+    return step_of(sender.app, sender.request)
+
+
+def _given_request(sender: Any, kwargs: dict[str, Any]) -> StepRef | None:
+    return step_of(sender.app, kwargs.get("request"))
+
+
+def step_hook(where: str, find: Finder = _current_request) -> Callable[[Body], Any]:
+    """Make ``body(ref, sender, kwargs)`` a Celery signal receiver that runs only for
+    workflow steps, entirely under the guard."""
+
+    def decorate(body: Body) -> Callable[..., None]:
+        @functools.wraps(body)
+        def receiver(sender: Any = None, **kwargs: Any) -> None:
+            try:
+                ref = find(sender, kwargs)
+                if ref is not None:
+                    body(ref, sender, kwargs)
+            except Exception as exc:
+                log_failure(f"{where} hook", exc, kwargs.get("task_id"))
+
+        return receiver
+
+    return decorate
+
+
+# --- task_prerun (pool child): gate the step and count the attempt --------------------
+
+
+@step_hook("task_prerun")
+def on_task_prerun(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
+    out = ref.runtime.store.begin(ref.workflow_id, ref.step, ref.dispatch)
+    # Per-request (a Context), not per-task state: safe with concurrent requests. The
+    # gate in before_start (task_wrappers) acts on it: task_prerun cannot stop a task.
+    request = sender.request
+    setattr(request, GATE_ATTR, out.decision)
+    if out.step is not None:
+        setattr(request, SNOOZE_DISPATCH_ATTR, out.step.dispatch)
+    announce(ref.runtime, out)
+
+
+# --- task_success / task_retry / task_failure (pool child) ---------------------------
+
+
+def _result_for_store(ref: StepRef, result: Any) -> Any:
+    if result is None or not ref.runtime.config.store_results:
+        return None
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError):
+        logger.warning(UNSERIALIZABLE, ref.step, ref.workflow_id)
+        return None
+    return result
+
+
+# task_success carries no task_id: the request is still the sender's.
+@step_hook("task_success")
+def on_task_success(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
+    result = kwargs.get("result")
+    out = ref.runtime.store.settle(
+        ref.workflow_id,
+        ref.step,
+        COMPLETED,
+        has_result=result is not None,
+        result=_result_for_store(ref, result),
+    )
+    announce(ref.runtime, out)
+
+
+def mark_retrying(ref: StepRef, cause: Any) -> None:
+    """The step failed and will be retried: one transition, its events."""
+    out = ref.runtime.store.retrying(ref.workflow_id, ref.step, ref.runtime.error_text(cause))
+    announce(ref.runtime, out)
+
+
+@step_hook("task_retry", find=_given_request)
+def on_task_retry(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
+    if getattr(kwargs.get("request"), RETRY_MARKED_ATTR, False):
+        return  # already marked by the retry wrapper, before the retry was published
+    # reason is the Retry exception; its .exc is what the task raised, when known.
+    reason = kwargs.get("reason")
+    mark_retrying(ref, getattr(reason, "exc", None) or reason)
+
+
+def _failing_request(sender: Any, kwargs: dict[str, Any]) -> StepRef | None:
+    task_id = kwargs.get("task_id")
+    if getattr(sender.request, "id", None) == task_id:
+        return step_of(sender.app, sender.request)
+    # A WorkerLostError is reported by the main process, where sender.request is not the
+    # failing request: find the step through the store's job index for that task id.
+    runtime = runtime_for(sender.app)
+    located = runtime.store.locate(task_id) if runtime is not None and task_id else None
+    if runtime is None or located is None:
+        return None
+    return StepRef(runtime, located[0], located[1], 0)
+
+
+@step_hook("task_failure", find=_failing_request)
+def on_task_failure(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
+    error = ref.runtime.error_text(kwargs.get("exception"))
+    out = ref.runtime.store.settle(ref.workflow_id, ref.step, DISCARDED, error=error)
+    announce(ref.runtime, out)
+
+
+# --- task_revoked (always the main process) ------------------------------------------
+
+
+# The request here is a Context built from the message: it still carries the headers.
+@step_hook("task_revoked", find=_given_request)
+def on_task_revoked(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
+    if kwargs.get("expired"):
+        reason = "expired"
+    elif kwargs.get("terminated"):
+        reason = f"revoked and terminated (signal {kwargs.get('signum')})"
+    else:
+        reason = "revoked"
+    out = ref.runtime.store.settle(ref.workflow_id, ref.step, CANCELLED, error=reason)
+    announce(ref.runtime, out)
+
+
+# --- worker_init (the worker's main process) ------------------------------------------
+
+
+def on_worker_init(sender: Any = None, **_: Any) -> None:
+    """Refuse loudly a store that the prefork pool's processes cannot share."""
+    try:
+        app = getattr(sender, "app", None)
+        runtime = runtime_for(app) if app is not None else None
+        if runtime is None or runtime.store.shared_across_processes:
+            return
+        if _is_prefork(getattr(sender, "pool_cls", None)):
+            logger.error(MEMORY_UNDER_PREFORK, runtime.config.store)
+    except Exception as exc:
+        log_failure("worker_init hook", exc)
+
+
+# Celery's own pool aliases that run a prefork pool (celery.concurrency.ALIASES).
+PREFORK_ALIASES = frozenset({"prefork", "processes"})
+
+
+def _is_prefork(pool: Any) -> bool:
+    """Whether a worker's pool_cls is the prefork pool, without importing any pool.
+
+    worker_init fires before Celery resolves pool_cls, so it may still be an alias
+    string or a class; and Celery keeps worker_init free of pool imports, so that a
+    handler there can still monkey-patch for gevent/eventlet.
+    """
+    if isinstance(pool, str):
+        return pool.lower() in PREFORK_ALIASES or pool.endswith("prefork:TaskPool")
+    return isinstance(pool, type) and any(
+        c.__module__ == "celery.concurrency.prefork" and c.__name__ == "TaskPool"
+        for c in pool.__mro__
+    )
+
+
+#: Every Celery signal baton listens to, and its receiver.
+RECEIVERS: list[tuple[str, Callable[..., None]]] = [
+    ("task_prerun", on_task_prerun),
+    ("task_success", on_task_success),
+    ("task_retry", on_task_retry),
+    ("task_failure", on_task_failure),
+    ("task_revoked", on_task_revoked),
+    ("worker_init", on_worker_init),
+]
