@@ -1,10 +1,9 @@
-"""The listener's ordering (Reorderer) and its delivery through kombu's in-memory
-transport (a real kombu fanout, no server)."""
+"""The listener's delivery through kombu's in-memory transport (a real kombu fanout, no
+server)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +15,7 @@ import baton_celery
 from baton_celery.bridge import Publisher, bridge_exchange
 from baton_celery.config import Config
 from baton_celery.events import Event, StepUpdated, WorkflowFinished, utcnow
-from baton_celery.listener import Listener, Reorderer, listening
+from baton_celery.listener import Listener, listening
 
 
 def step(wid: str, name: str, state: str = "completed") -> StepUpdated:
@@ -25,116 +24,6 @@ def step(wid: str, name: str, state: str = "completed") -> StepUpdated:
 
 def finish(wid: str) -> WorkflowFinished:
     return WorkflowFinished(wid, None, "completed", (), utcnow())
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def out() -> list[Event]:
-    return []
-
-
-@pytest.fixture
-def reorderer(out: list[Event], clock: Clock) -> Reorderer:
-    return Reorderer(out.append, window=2.0, clock=clock)
-
-
-def test_in_order_events_are_delivered_at_once(reorderer: Reorderer, out: list[Event]) -> None:
-    a, b = step("w", "a"), step("w", "b")
-    reorderer.push("w", 1, a)
-    reorderer.push("w", 2, b)
-    assert out == [a, b]
-
-
-def test_early_events_wait_for_the_missing_number(reorderer: Reorderer, out: list[Event]) -> None:
-    e1, e2, e3, fin = step("w", "a"), step("w", "b"), step("w", "c"), finish("w")
-    reorderer.push("w", 4, fin)
-    reorderer.push("w", 2, e2)
-    assert out == []
-    reorderer.push("w", 1, e1)
-    assert out == [e1, e2]
-    reorderer.push("w", 3, e3)
-    assert out == [e1, e2, e3, fin]
-    assert "w" not in reorderer.flows and "w" in reorderer.finished
-
-
-def test_workflows_are_ordered_independently(reorderer: Reorderer, out: list[Event]) -> None:
-    x2, y1 = step("x", "b"), step("y", "a")
-    reorderer.push("x", 2, x2)
-    reorderer.push("y", 1, y1)
-    assert out == [y1]
-
-
-def test_duplicates_and_stragglers_after_the_finish_are_dropped(
-    reorderer: Reorderer, out: list[Event]
-) -> None:
-    e1, fin = step("w", "a"), finish("w")
-    reorderer.push("w", 1, e1)
-    reorderer.push("w", 1, e1)
-    reorderer.push("w", 2, fin)
-    reorderer.push("w", 1, e1)
-    assert out == [e1, fin]
-    assert reorderer.dropped == 2
-
-
-def test_a_gap_is_held_for_the_window_then_skipped(
-    reorderer: Reorderer, out: list[Event], clock: Clock, caplog: pytest.LogCaptureFixture
-) -> None:
-    e3, fin = step("w", "c"), finish("w")
-    reorderer.push("w", 3, e3)
-    reorderer.push("w", 5, fin)
-    clock.now = 1.9
-    reorderer.tick()
-    assert out == []
-    clock.now = 2.0
-    with caplog.at_level(logging.WARNING, "baton_celery.listener"):
-        reorderer.tick()
-    # 1-2 never came: deliver 3; 4 is missing too, and 5 has waited as long: deliver it.
-    assert out == [e3, fin]
-    assert reorderer.gaps == 2
-    assert "event(s) 1-2 never arrived" in caplog.text
-    assert "w" in reorderer.finished and not reorderer.waiting
-
-
-def test_own_events_count_without_being_delivered(reorderer: Reorderer, out: list[Event]) -> None:
-    e2 = step("w", "b")
-    reorderer.push("w", 2, e2)
-    reorderer.push("w", 1, None)  # ours: already delivered locally
-    assert out == [e2]
-    reorderer.push("w", 3, None, final=True)  # our own finish ends the workflow
-    assert "w" in reorderer.finished and "w" not in reorderer.flows
-
-
-def test_tracked_workflows_are_bounded(out: list[Event], clock: Clock) -> None:
-    reorderer = Reorderer(out.append, window=2.0, clock=clock, max_workflows=2)
-    held = step("a", "x")
-    reorderer.push("a", 2, held)
-    reorderer.push("b", 1, step("b", "x"))
-    reorderer.push("c", 1, step("c", "x"))  # evicts "a", flushing what it held
-    assert held in out
-    assert list(reorderer.flows) == ["b", "c"]
-
-
-def test_idle_workflows_are_forgotten(out: list[Event], clock: Clock) -> None:
-    reorderer = Reorderer(out.append, window=2.0, clock=clock, idle_after=10.0)
-    reorderer.push("w", 1, step("w", "a"))
-    clock.now = 61.0
-    reorderer.tick()
-    assert not reorderer.flows
-
-
-# --- through a real kombu fanout (the in-memory transport) -------------------------
 
 
 @pytest.fixture
