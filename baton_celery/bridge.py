@@ -306,21 +306,19 @@ class Publisher:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait (bounded) until this process's queued events are sent; True when all were.
-        Used at process exit, and by tests and benchmarks."""
+        Used at process exit, and by tests and benchmarks. Waits in the calling thread:
+        nothing is left behind when the time runs out."""
+        q = self._queue
         if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
-            return self._queue.unfinished_tasks == 0
-        timeout = self.flush_timeout if timeout is None else timeout
-        done = threading.Event()
-
-        def waiter() -> None:
-            self._queue.join()
-            done.set()
-
-        threading.Thread(target=waiter, name="baton-bridge-flush", daemon=True).start()
-        finished = done.wait(timeout)
-        if not finished:
-            logger.warning(FLUSH_INCOMPLETE, self._queue.unfinished_tasks)
-        return finished
+            return q.unfinished_tasks == 0
+        deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
+        with q.all_tasks_done:  # the condition Queue.join() waits on, with a deadline
+            while q.unfinished_tasks and (remaining := deadline - time.monotonic()) > 0:
+                q.all_tasks_done.wait(remaining)
+            left = q.unfinished_tasks
+        if left:
+            logger.warning(FLUSH_INCOMPLETE, left)
+        return not left
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (bounded), stop the thread and release this process's connection."""

@@ -113,3 +113,20 @@ def test_a_full_queue_drops_and_logs(app: Celery, caplog: pytest.LogCaptureFixtu
         publisher._queue.task_done()
     assert publisher.dropped == 1
     assert "publish queue is full" in caplog.text
+
+
+def test_a_flush_that_times_out_leaves_no_thread_behind(app: Celery) -> None:
+    """A broker that hangs: flush gives up after its timeout, and nothing it started is
+    left waiting for the queue."""
+    app.conf.baton_bridge_background = True
+    publisher = Publisher(app, Config.from_app(app))
+    release = threading.Event()
+    publisher._send = lambda bodies: release.wait(10)  # type: ignore[assignment,method-assign]
+    publisher.publish(an_event(), 1)  # starts the sender, which then hangs
+    before = set(threading.enumerate())
+    try:
+        assert publisher.flush(0.1) is False
+        assert set(threading.enumerate()) - before == set()
+    finally:
+        release.set()
+        publisher.close(5)
