@@ -3,6 +3,7 @@ never fails the caller."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from celery import Celery
+from kombu.entity import Queue
 
 import baton_celery
 from baton_celery import bridge
@@ -72,8 +74,7 @@ def test_a_broker_that_cannot_be_reached_is_logged_not_raised(
     app.conf.broker_connection_timeout = 0.5
     publisher = Publisher(app, Config.from_app(app))
     with caplog.at_level(logging.ERROR, "baton_celery.bridge"):
-        publisher.publish(an_event(), 1)
-        assert publisher.flush(10)
+        publisher.publish(an_event(), 1)  # inline: the send was tried (and failed) here
     publisher.close()
     assert publisher.dropped == 1 and publisher.published == 0
     assert "could not publish 1 event(s)" in caplog.text
@@ -130,3 +131,28 @@ def test_a_flush_that_times_out_leaves_no_thread_behind(app: Celery) -> None:
     finally:
         release.set()
         publisher.close(5)
+
+
+def test_a_background_flush_returns_once_the_envelopes_reached_the_broker(app: Celery) -> None:
+    """The sender is slow; flush waits for it: when it returns True, every envelope is on
+    a queue bound to the exchange, in order."""
+    app.conf.baton_bridge_background = True
+    publisher = Publisher(app, Config.from_app(app))
+    send = publisher._send
+
+    def slow_send(bodies: list[dict[str, object]]) -> None:
+        time.sleep(0.2)
+        send(bodies)
+
+    publisher._send = slow_send  # type: ignore[method-assign]
+    with app.connection_for_read() as conn:
+        bound = Queue("bridge-unit-flush", publisher.exchange, routing_key="")(conn)  # type: ignore[no-untyped-call]
+        bound.declare()
+        for seq in (1, 2, 3):
+            publisher.publish(an_event(), seq)
+        assert publisher.flush(5)
+        arrived = [bound.get(no_ack=True) for _ in range(3)]
+        bound.delete()
+    publisher.close()
+    assert [json.loads(m.body)["seq"] if m else None for m in arrived] == [1, 2, 3]
+    assert publisher.published == 3 and publisher.dropped == 0
