@@ -51,10 +51,12 @@ __all__ = [
     "ENVELOPE_VERSION",
     "Publisher",
     "bridge_exchange",
+    "close",
     "envelope",
     "flush_all",
     "process_token",
     "publish",
+    "publisher_for",
     "send_envelope",
 ]
 
@@ -320,17 +322,41 @@ class Publisher:
             logger.warning(FLUSH_INCOMPLETE, left)
         return not left
 
-    def close(self, timeout: float | None = None) -> None:
-        """Flush (bounded), stop the thread and release this process's connection."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush (bounded by ``timeout``, default ``baton_bridge_flush_timeout``), stop the
+        thread and release this process's connection; True when every queued event was
+        sent. A later :meth:`publish` starts again."""
         if self._pid != os.getpid():
-            return
-        self.flush(timeout)
+            return True
+        deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
+        flushed = self.flush(timeout)
         thread = self._thread
         if thread is not None and thread.is_alive():
-            with contextlib.suppress(queue.Full):
-                self._queue.put_nowait(_STOP)
-        with self._send_lock:
-            self._reset_connection()
+            self._put_stop()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        # A send in progress (a hung broker) may hold the lock: wait for it, bounded.
+        if self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            try:
+                self._reset_connection()
+            finally:
+                self._send_lock.release()
+        return flushed
+
+    def _put_stop(self) -> None:
+        """Queue the thread's stop, after what is queued; on a full queue (the flush ran
+        out of time) one queued event is dropped to make room, or the thread would wait
+        for good."""
+        try:
+            self._queue.put_nowait(_STOP)
+            return
+        except queue.Full:
+            pass
+        with contextlib.suppress(queue.Empty):
+            self._queue.get_nowait()
+            self._queue.task_done()
+            self.dropped += 1
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_STOP)
 
 
 _publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
@@ -338,7 +364,11 @@ _by_runtime: weakref.WeakKeyDictionary[Runtime, Publisher] = weakref.WeakKeyDict
 _by_runtime_lock = threading.Lock()
 
 
-def publisher_for(runtime: Runtime) -> Publisher:
+def publisher_for(runtime: Runtime) -> Publisher | None:
+    """The runtime's publisher in this process, made on first use; None (and nothing
+    made) while the runtime's bridge is off."""
+    if not runtime.config.bridge:
+        return None
     publisher = _by_runtime.get(runtime)
     if publisher is None:
         with _by_runtime_lock:
@@ -355,9 +385,25 @@ def publish(runtime: Runtime, event: Event, seq: int) -> None:
     if not runtime.config.bridge:
         return
     try:
-        publisher_for(runtime).publish(event, seq)
+        publisher = publisher_for(runtime)
+        if publisher is not None:
+            publisher.publish(event, seq)
     except Exception:
         logger.exception("baton_celery: bridge publish failed for workflow %s", event.workflow_id)
+
+
+def close(runtime: Runtime, timeout: float | None = None) -> bool:
+    """Close and forget the runtime's publisher in this process, if it has one: what is
+    queued is sent for at most ``timeout`` seconds (default ``baton_bridge_flush_timeout``),
+    its thread is stopped and its connection released. ``uninstall(app)`` calls it; a
+    later :func:`publish` for the runtime would make a new one. True when no event was
+    left unsent."""
+    with _by_runtime_lock:
+        publisher = _by_runtime.pop(runtime, None)
+    if publisher is None:
+        return True
+    _publishers.discard(publisher)
+    return publisher.close(timeout)
 
 
 def flush_all(timeout: float | None = None, **_: Any) -> None:

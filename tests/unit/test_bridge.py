@@ -60,10 +60,13 @@ def app() -> Iterator[Celery]:
     baton_celery.uninstall(app)
 
 
-def test_publish_is_a_no_op_when_the_bridge_is_off(app: Celery) -> None:
+def test_a_runtime_with_the_bridge_off_never_makes_a_publisher(app: Celery) -> None:
     runtime = baton_celery.install(app)
+    made = len(bridge._publishers)
     bridge.publish(runtime, an_event(), 1)
-    assert runtime not in bridge._by_runtime
+    assert bridge.publisher_for(runtime) is None
+    assert runtime not in bridge._by_runtime and len(bridge._publishers) == made
+    assert bridge.close(runtime)  # nothing to close
 
 
 def test_a_broker_that_cannot_be_reached_is_logged_not_raised(
@@ -156,3 +159,63 @@ def test_a_background_flush_returns_once_the_envelopes_reached_the_broker(app: C
     publisher.close()
     assert [json.loads(m.body)["seq"] if m else None for m in arrived] == [1, 2, 3]
     assert publisher.published == 3 and publisher.dropped == 0
+
+
+@pytest.fixture
+def bridged() -> Iterator[Celery]:
+    """An app whose bridge is on, publishing from a background thread."""
+    app = Celery("bridge-on-unit", broker="memory://", set_as_current=False)
+    app.conf.update(baton_store="memory://", baton_bridge=True, baton_bridge_background=True)
+    baton_celery.install(app)
+    yield app
+    baton_celery.uninstall(app)
+
+
+def test_close_sends_what_is_queued_then_stops_and_forgets_the_publisher(
+    bridged: Celery,
+) -> None:
+    runtime = baton_celery.install(bridged)
+    with bridged.connection_for_read() as conn:
+        bound = Queue("bridge-unit-close", bridge_exchange("baton_celery.events"))(conn)  # type: ignore[no-untyped-call]
+        bound.declare()
+        for seq in (1, 2):
+            bridge.publish(runtime, an_event(), seq)
+        publisher = bridge._by_runtime[runtime]
+        thread = publisher._thread
+        assert bridge.close(runtime, 5)
+        arrived = [bound.get(no_ack=True) for _ in range(2)]
+        bound.delete()
+    assert [json.loads(m.body)["seq"] if m else None for m in arrived] == [1, 2]
+    assert thread is not None and not thread.is_alive()
+    assert publisher._conn is None
+    assert runtime not in bridge._by_runtime and publisher not in bridge._publishers
+
+
+def test_uninstall_closes_the_publisher_install_made(bridged: Celery) -> None:
+    runtime = baton_celery.install(bridged)
+    bridge.publish(runtime, an_event(), 1)
+    publisher = bridge._by_runtime[runtime]
+    thread = publisher._thread
+    baton_celery.uninstall(bridged)
+    assert thread is not None and not thread.is_alive()
+    assert runtime not in bridge._by_runtime
+
+
+def test_closing_a_full_queue_still_stops_the_thread(bridged: Celery) -> None:
+    """The flush ran out of time with the queue full: the stop still gets in (one queued
+    event is dropped for it), so the thread ends once the hung send returns."""
+    bridged.conf.baton_bridge_queue_size = 1
+    publisher = Publisher(bridged, Config.from_app(bridged))
+    release = threading.Event()
+    publisher._send = lambda bodies: release.wait(10)  # type: ignore[assignment,method-assign]
+    publisher.publish(an_event(), 1)  # taken by the sender, which hangs
+    deadline = time.monotonic() + 5
+    while publisher._queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the sender has taken it off the queue
+    publisher.publish(an_event(), 2)  # fills the queue
+    thread = publisher._thread
+    assert publisher.close(0.1) is False
+    release.set()
+    assert thread is not None
+    thread.join(5)
+    assert not thread.is_alive() and publisher.dropped == 1
