@@ -17,10 +17,10 @@ Run it periodically, with celery beat::
         "baton-backstop": {"task": "baton_celery.backstop", "schedule": 60.0},
     }
 
-or from the command line (``-A`` as for ``celery``; the app must install baton_celery)::
+or from the command line (``celery baton backstop``, see :mod:`baton_celery.cli`)::
 
-    python -m baton_celery.backstop -A proj.celery --stuck-after 900
-    python -m baton_celery.backstop -A proj.celery --every 60     # keep sweeping
+    celery -A proj baton backstop --stuck-after 900
+    celery -A proj baton backstop --every 60     # keep sweeping
 
 ``stuck_after`` defaults to the app's ``baton_backstop_after`` (seconds, default 3600):
 set it above your longest task's run time plus its longest queue wait, or the sweep
@@ -29,12 +29,9 @@ will discard steps that are merely slow. Clocks of the hosts must agree (NTP).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from .announce import announce
@@ -43,7 +40,7 @@ from .runtime import Runtime, runtime_for
 from .stores import StoreError, UnknownWorkflow
 from .stores.records import PENDING, StepRecord, WorkflowRecord
 
-__all__ = ["TASK_NAME", "SweepReport", "main", "register_task", "stuck_reason", "sweep"]
+__all__ = ["TASK_NAME", "SweepReport", "register_task", "stuck_reason", "sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,59 +155,3 @@ def register_task(app: Any, name: str = TASK_NAME) -> Any:
         return str(sweep(app, stuck_after))
 
     return app.task(name=name, ignore_result=True, shared=False)(backstop)
-
-
-# --- command line ------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m baton_celery.backstop",
-        description="Settle workflow steps stuck past a threshold, so their workflows finish.",
-    )
-    parser.add_argument("-A", "--app", required=True, help="the Celery app, as for `celery -A`")
-    parser.add_argument(
-        "--stuck-after",
-        type=float,
-        default=None,
-        help="seconds without progress (default: the app's baton_backstop_after, else 3600)",
-    )
-    parser.add_argument(
-        "--every", type=float, default=None, help="keep sweeping, every this many seconds"
-    )
-    return parser
-
-
-def load_app(spec: str) -> Any:
-    """The Celery app named like ``celery -A`` does, with baton_celery installed."""
-    from celery.app.utils import find_app
-
-    from .install import install
-
-    app = find_app(spec)
-    install(app)  # harmless when the app module installed it already
-    return app
-
-
-def run(app: Any, stuck_after: float | None = None, every: float | None = None) -> int:
-    """Sweep once (or every ``every`` seconds until interrupted), printing each report.
-    The function for a ``celery baton backstop`` subcommand; returns an exit status."""
-    while True:
-        report = sweep(app, stuck_after)
-        print(report, flush=True)
-        if every is None:
-            return 1 if report.errors else 0
-        time.sleep(every)  # a periodic schedule, not a synchronisation
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(load_app(args.app), args.stuck_after, args.every)
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""``celery -A proj baton ...``: watch workflows live, or print one workflow's status.
+"""``celery -A proj baton ...``: watch workflows live, print one workflow's status, or
+sweep stuck steps.
 
 Installed as a Celery subcommand through the ``celery.commands`` entry point::
 
@@ -6,6 +7,7 @@ Installed as a Celery subcommand through the ``celery.commands`` entry point::
     celery -A proj baton watch --workflow ID   # one workflow; exits when it finishes
     celery -A proj baton watch --lines         # one line per event (the default in a pipe)
     celery -A proj baton status ID             # its steps and outcome, from the store
+    celery -A proj baton backstop --every 60   # settle stuck steps, every minute
 
 ``watch`` listens on the broker bridge (the workers need ``baton_bridge = True``). With
 ``--workflow`` it exits 0 when the workflow completed and 1 when it failed.
@@ -21,6 +23,7 @@ from typing import Any
 
 import click
 
+from .backstop import sweep
 from .events import Event, StepUpdated, WorkflowFinished
 from .install import install
 from .listener import listen
@@ -229,10 +232,13 @@ def status(ctx: click.Context, workflow_id: str) -> None:
 @click.pass_context
 def backstop(ctx: click.Context, stuck_after: float | None, every: float | None) -> None:
     """Settle steps a crash left hanging (see baton_celery.backstop)."""
-    from . import backstop as sweeper
-
+    app = _app(ctx)
     try:
-        code = sweeper.run(_app(ctx), stuck_after, every)
+        while True:
+            report = sweep(app, stuck_after)
+            click.echo(str(report))
+            if every is None:
+                ctx.exit(1 if report.errors else 0)
+            time.sleep(every)  # a periodic schedule, not a synchronisation
     except KeyboardInterrupt:
-        code = 130
-    ctx.exit(code)
+        ctx.exit(130)

@@ -3,7 +3,6 @@ dependents cascade, the workflow finishes once; steps that progress are left alo
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,10 +10,13 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
+from celery.bin.base import CLIContext
+from click.testing import CliRunner
 from redis_servers import shared_redis_url
 
 import baton_celery
 from baton_celery import backstop
+from baton_celery.cli import baton
 from baton_celery.stores.records import StepRecord, WorkflowRecord
 
 STORES = ["memory", "sqlite", "redis"]
@@ -100,32 +102,22 @@ def test_a_successful_workflow_whose_last_step_hung_is_finished(app: Celery) -> 
     assert store.load(wid).outcome == "failed"
 
 
-def test_the_beat_task_and_the_command_line(
-    app: Celery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_the_beat_task_and_the_command_line(app: Celery) -> None:
     task = backstop.register_task(app)
     assert app.tasks[backstop.TASK_NAME].name == task.name == "baton_celery.backstop"
     assert "0 stuck step(s)" in task(stuck_after=60)
 
-    module = tmp_path / "backstop_cli_app.py"
-    module.write_text(
-        "from celery import Celery\n"
-        "import baton_celery\n"
-        f"app = Celery('cli', set_as_current=False)\n"
-        f"app.conf.baton_store = {app.conf.baton_store!r}\n"
-        "baton_celery.install(app)\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
     store = baton_celery.runtime.runtime_for(app).store  # type: ignore[union-attr]
     record = chain_record(created_ago=30)
     store.create(record)
-    try:
-        assert backstop.main(["-A", "backstop_cli_app:app", "--stuck-after", "10"]) == 0
-    finally:
-        sys.modules.pop("backstop_cli_app", None)
-    out = capsys.readouterr().out
-    if app.conf.baton_store == "memory://":
-        assert "0 live workflow(s)" in out  # another process's memory: nothing to see
-    else:
-        assert "2 stuck step(s) discarded, 1 workflow(s) finished" in out
-        assert store.load(record.id).outcome == "failed"
+    result = CliRunner().invoke(
+        baton, ["backstop", "--stuck-after", "10"], obj=CLIContext(app, True, None)
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 stuck step(s) discarded, 1 workflow(s) finished" in result.output
+    assert store.load(record.id).outcome == "failed"
+
+
+def test_one_command_line_the_celery_subcommand() -> None:
+    """``python -m baton_celery.backstop`` is gone: ``celery baton backstop`` is the one."""
+    assert not hasattr(backstop, "main") and "main" not in backstop.__all__

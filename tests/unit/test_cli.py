@@ -11,6 +11,7 @@ from celery.bin.base import CLIContext
 from click.testing import CliRunner
 
 import baton_celery
+from baton_celery import backstop, cli
 from baton_celery.cli import Board, baton, format_event
 from baton_celery.events import StepUpdated, WorkflowFinished, utcnow
 from baton_celery.stores.records import StepRecord, WorkflowRecord
@@ -80,6 +81,28 @@ def test_backstop_command_discards_a_stuck_step_and_finishes_the_workflow(app: C
     assert events.states("a") == ["discarded"]
     [finished] = events.finished
     assert (finished.outcome, finished.failed_steps) == ("failed", ("a",))
+
+
+def test_backstop_every_keeps_sweeping_until_interrupted(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweeps: list[float | None] = []
+
+    def sweep(app: Celery, stuck_after: float | None = None) -> backstop.SweepReport:
+        sweeps.append(stuck_after)
+        if len(sweeps) == 3:
+            raise KeyboardInterrupt  # Ctrl-C while sweeping
+        return backstop.sweep(app, stuck_after)
+
+    monkeypatch.setattr(cli, "sweep", sweep)
+    result = CliRunner().invoke(
+        baton,
+        ["backstop", "--every", "0.01", "--stuck-after", "5"],
+        obj=CLIContext(app, True, None),
+    )
+    assert result.exit_code == 130, result.output
+    assert sweeps == [5.0, 5.0, 5.0]
+    assert result.output.count("backstop: 0 live workflow(s) examined") == 2
 
 
 def test_watch_one_workflow_times_out_with_exit_2(app: Celery) -> None:
