@@ -51,10 +51,9 @@ def test_listener_delivers_what_a_publisher_sends(app: Celery) -> None:
         assert listener.wait_ready(5)
         assert listening(app)
         listener._token = "someone-else"  # as if the publisher were another process
-        events = [step("w", "a", "executing"), step("w", "a"), finish("w")]
+        events: list[Event] = [step("w", "a", "executing"), step("w", "a"), finish("w")]
         for seq in (2, 1, 3):
-            publisher.publish(events[seq - 1], seq)
-        assert publisher.flush(5)
+            publisher.publish(events[seq - 1], seq)  # inline: sent when this returns
         assert done.wait(5)
     publisher.close()
     assert got == events
@@ -66,13 +65,17 @@ def test_listener_skips_its_own_process_events(app: Celery) -> None:
     publisher = Publisher(app, Config.from_app(app))
     with Listener(app, deliver=got.append) as listener:
         assert listener.wait_ready(5)
-        publisher.publish(step("w", "a"), 1)
-        assert publisher.flush(5)
+        publisher.publish(step("w", "a"), 1)  # inline: sent when this returns
         # A foreign message after ours: when it is delivered, ours was handled before.
         marker = step("other", "m")
         body = {"v": 1, "seq": 1, "origin": "x", "event": marker.to_dict()}
         seen = threading.Event()
-        listener._deliver_to = lambda e: (got.append(e), seen.set())  # type: ignore[assignment]
+
+        def deliver(event: Event) -> None:
+            got.append(event)
+            seen.set()
+
+        listener._deliver_to = deliver
         with app.connection_for_write() as conn:
             ex = bridge_exchange("unit-events")
             conn.Producer().publish(
