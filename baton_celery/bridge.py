@@ -19,9 +19,7 @@ Publishing is transient (delivery mode 1) and bounded: by default inline, in the
 process that produced the event, over one connection per process, with a bounded retry
 policy and the broker connection's own timeouts; an envelope that cannot be sent is
 dropped and logged. ``baton_bridge_background = True`` hands envelopes to a small thread
-per process instead (a task then never waits for the broker), but measured here it cost
-a third of the throughput of fan-out workflows (the thread contends with the task for the
-GIL) against 2% inline, and raised the finish latency (p50 2.72 vs 2.25 ms).
+per process instead (see the README's benchmarks for what each costs).
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from kombu.entity import Exchange
 from kombu.messaging import Producer
@@ -50,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENVELOPE_VERSION",
     "Publisher",
+    "RateLimitedLog",
     "bridge_exchange",
     "close",
     "envelope",
@@ -74,7 +73,10 @@ QUEUE_FULL = (
 )
 FLUSH_INCOMPLETE = "baton_celery: %d bridge event(s) not published before the process exit"
 
-#: How often (seconds) a repeated publishing problem is logged again.
+PUBLISH_CRASHED = "baton_celery: bridge publish failed for workflow %s"
+REPEATED = " (%d times in the last %.0f s)"
+
+#: How often (seconds) a repeated problem is logged again (see RateLimitedLog).
 LOG_EVERY = 10.0
 
 
@@ -125,16 +127,35 @@ def send_envelope(
     )
 
 
-class _RateLimitedLog:
-    def __init__(self) -> None:
-        self._last = 0.0
+class RateLimitedLog:
+    """A failure that may repeat on every event (a broker outage): logged the first time
+    with its traceback, then at most once per ``every`` seconds as one line that counts
+    the times since. Call it from the ``except`` block: ``log(MESSAGE, *args)``."""
 
-    def due(self) -> bool:
-        now = time.monotonic()
-        if now - self._last >= LOG_EVERY:
-            self._last = now
-            return True
-        return False
+    def __init__(
+        self,
+        log: logging.Logger,
+        level: int = logging.ERROR,
+        *,
+        traceback: bool = True,
+        every: float = LOG_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.log, self.level, self.traceback = log, level, traceback
+        self.every, self.clock = every, clock
+        self._last: float | None = None
+        self._count = 0  # times it happened since the last line
+
+    def __call__(self, message: str, *args: object) -> None:
+        now = self.clock()
+        self._count += 1
+        if self._last is not None and now - self._last < self.every:
+            return
+        if self._last is None or self._count == 1:  # the first, or the first in a while
+            self.log.log(self.level, message, *args, exc_info=self.traceback)
+        else:
+            self.log.log(self.level, message + REPEATED, *args, self._count, now - self._last)
+        self._last, self._count = now, 0
 
 
 _STOP = object()
@@ -178,9 +199,9 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._conn: Any = None
         self._producer: Any = None
-        self._fail_log = _RateLimitedLog()
+        self._fail_log = RateLimitedLog(logger)
         self._down_until = 0.0  # after a failed send, drop at once until then
-        self._full_log = _RateLimitedLog()
+        self._full_log = RateLimitedLog(logger, traceback=False)
         _publishers.add(self)
 
     # --- per-process state ------------------------------------------------------------
@@ -229,8 +250,7 @@ class Publisher:
             self._queue.put_nowait(body)
         except queue.Full:
             self.dropped += 1
-            if self._full_log.due():
-                logger.error(QUEUE_FULL, self.queue_size, self.dropped)
+            self._full_log(QUEUE_FULL, self.queue_size, self.dropped)
 
     def _run(self) -> None:
         q = self._queue
@@ -287,8 +307,7 @@ class Publisher:
             except Exception as exc:
                 lost = len(bodies) - sent
                 self.dropped += lost
-                if self._fail_log.due():
-                    logger.error(PUBLISH_FAILED, lost, self.exchange.name, exc)
+                self._fail_log(PUBLISH_FAILED, lost, self.exchange.name, exc)
                 self._reset_connection()
                 self._down_until = time.monotonic() + BROKER_BACKOFF
             finally:
@@ -343,25 +362,20 @@ class Publisher:
         return flushed
 
     def _put_stop(self) -> None:
-        """Queue the thread's stop, after what is queued; on a full queue (the flush ran
-        out of time) one queued event is dropped to make room, or the thread would wait
-        for good."""
-        try:
-            self._queue.put_nowait(_STOP)
-            return
-        except queue.Full:
-            pass
-        with contextlib.suppress(queue.Empty):
-            self._queue.get_nowait()
-            self._queue.task_done()
-            self.dropped += 1
-        with contextlib.suppress(queue.Full):
+        """Queue the thread's stop after what is queued; a full queue (the flush ran out of
+        time) drops one queued event for it, or the thread would wait for good."""
+        with contextlib.suppress(queue.Empty, queue.Full):
+            if self._queue.full():
+                self._queue.get_nowait()
+                self._queue.task_done()
+                self.dropped += 1
             self._queue.put_nowait(_STOP)
 
 
 _publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
 _by_runtime: weakref.WeakKeyDictionary[Runtime, Publisher] = weakref.WeakKeyDictionary()
 _by_runtime_lock = threading.Lock()
+_publish_crashed = RateLimitedLog(logger)
 
 
 def publisher_for(runtime: Runtime) -> Publisher | None:
@@ -389,7 +403,7 @@ def publish(runtime: Runtime, event: Event, seq: int) -> None:
         if publisher is not None:
             publisher.publish(event, seq)
     except Exception:
-        logger.exception("baton_celery: bridge publish failed for workflow %s", event.workflow_id)
+        _publish_crashed(PUBLISH_CRASHED, event.workflow_id)
 
 
 def close(runtime: Runtime, timeout: float | None = None) -> bool:

@@ -47,7 +47,13 @@ from kombu.entity import Queue
 from kombu.messaging import Consumer, Producer
 
 from . import pubsub
-from .bridge import ENVELOPE_VERSION, bridge_exchange, process_token, send_envelope
+from .bridge import (
+    ENVELOPE_VERSION,
+    RateLimitedLog,
+    bridge_exchange,
+    process_token,
+    send_envelope,
+)
 from .config import Config
 from .events import Event, WorkflowFinished, event_from_dict
 from .reorder import Reorderer
@@ -73,6 +79,9 @@ TICK = 0.05
 #: connection or a silently lost subscription would otherwise go unnoticed.
 HEARTBEAT = 2.0
 PROBE_TIMEOUT = 10.0
+#: Seconds between reconnection attempts: doubled after each failure, up to the max.
+RECONNECT_FIRST = 0.2
+RECONNECT_MAX = 5.0
 
 
 _listeners: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Listener]] = weakref.WeakKeyDictionary()
@@ -124,6 +133,7 @@ class Listener:
         self._activity = 0.0  # when a message last arrived
         self._thread: threading.Thread | None = None
         self._token = process_token()
+        self._connection_lost = RateLimitedLog(logger, logging.WARNING)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -172,20 +182,22 @@ class Listener:
     # --- the loop ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        backoff = 0.2
+        backoff = RECONNECT_FIRST
         while not self._stop.is_set():
+            connections = self.connections
             try:
                 self._consume()
-                backoff = 0.2
             except Exception as exc:
                 self._connected.clear()
                 if self._stop.is_set():
                     break
+                if self.connections > connections:  # it was up: a new outage starts
+                    backoff = RECONNECT_FIRST
                 self.reconnects += 1
-                logger.warning(CONNECTION_LOST, exc, backoff)
+                self._connection_lost(CONNECTION_LOST, exc, backoff)
                 # A bounded back-off that a stop() interrupts at once.
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, RECONNECT_MAX)
 
     def _consume(self) -> None:
         conn = self.app.connection_for_read()

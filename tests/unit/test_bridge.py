@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -149,7 +150,7 @@ def test_a_background_flush_returns_once_the_envelopes_reached_the_broker(app: C
 
     publisher._send = slow_send  # type: ignore[method-assign]
     with app.connection_for_read() as conn:
-        bound = Queue("bridge-unit-flush", publisher.exchange, routing_key="")(conn)  # type: ignore[no-untyped-call]
+        bound: Any = Queue("bridge-unit-flush", publisher.exchange, routing_key="")(conn)  # type: ignore[no-untyped-call]
         bound.declare()
         for seq in (1, 2, 3):
             publisher.publish(an_event(), seq)
@@ -176,7 +177,7 @@ def test_close_sends_what_is_queued_then_stops_and_forgets_the_publisher(
 ) -> None:
     runtime = baton_celery.install(bridged)
     with bridged.connection_for_read() as conn:
-        bound = Queue("bridge-unit-close", bridge_exchange("baton_celery.events"))(conn)  # type: ignore[no-untyped-call]
+        bound: Any = Queue("bridge-unit-close", bridge_exchange("baton_celery.events"))(conn)  # type: ignore[no-untyped-call]
         bound.declare()
         for seq in (1, 2):
             bridge.publish(runtime, an_event(), seq)
@@ -219,3 +220,48 @@ def test_closing_a_full_queue_still_stops_the_thread(bridged: Celery) -> None:
     assert thread is not None
     thread.join(5)
     assert not thread.is_alive() and publisher.dropped == 1
+
+
+def test_a_repeated_failure_is_logged_once_with_its_traceback_then_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    log = logging.getLogger("baton_celery.test_rate_limited")
+    limited = bridge.RateLimitedLog(log, every=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.ERROR, log.name):
+        for second in range(25):  # one failure a second
+            now[0] = float(second)
+            try:
+                raise ConnectionError("down")
+            except ConnectionError:
+                limited("broker %s failed", "x")
+        now[0] = 100.0  # a quiet minute later, a new failure
+        try:
+            raise ConnectionError("down again")
+        except ConnectionError:
+            limited("broker %s failed", "x")
+    records = caplog.records
+    lines = [(r.getMessage(), r.exc_info is not None) for r in records]
+    assert lines == [
+        ("broker x failed", True),  # 0 s: the first, with its traceback
+        ("broker x failed (10 times in the last 10 s)", False),  # 10 s: 1-10
+        ("broker x failed (10 times in the last 10 s)", False),  # 20 s: 11-20
+        ("broker x failed (5 times in the last 80 s)", False),  # 100 s: 21-24, and this one
+    ]
+
+
+def test_a_failing_publish_logs_its_traceback_once_not_on_every_event(
+    bridged: Celery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = baton_celery.install(bridged)
+
+    def broken(runtime: object) -> None:
+        raise RuntimeError("a bug in the bridge")
+
+    monkeypatch.setattr(bridge, "publisher_for", broken)
+    monkeypatch.setattr(bridge, "_publish_crashed", bridge.RateLimitedLog(bridge.logger))
+    with caplog.at_level(logging.ERROR, "baton_celery.bridge"):
+        for seq in range(1, 51):
+            bridge.publish(runtime, an_event(), seq)  # never raises
+    [record] = [r for r in caplog.records if "bridge publish failed" in r.getMessage()]
+    assert record.exc_info is not None and "a bug in the bridge" in caplog.text

@@ -4,6 +4,7 @@ server)."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from celery import Celery
 
 import baton_celery
+from baton_celery import listener as listener_module
 from baton_celery.bridge import Publisher, bridge_exchange
 from baton_celery.config import Config
 from baton_celery.events import Event, StepUpdated, WorkflowFinished, utcnow
@@ -94,3 +96,47 @@ def test_listen_returns_a_running_listener(app: Celery) -> None:
     finally:
         listener.stop()
     assert not listener.ready
+
+
+def test_an_outage_logs_one_traceback_not_a_line_per_attempt(
+    app: Celery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(listener_module, "RECONNECT_FIRST", 0.001)
+    monkeypatch.setattr(listener_module, "RECONNECT_MAX", 0.001)
+    listener = Listener(app)
+
+    def refused() -> None:
+        if listener.reconnects >= 20:
+            listener._stop.set()
+        raise ConnectionRefusedError("the broker is down")
+
+    monkeypatch.setattr(listener, "_consume", refused)
+    with caplog.at_level(logging.WARNING, "baton_celery.listener"):
+        listener.start()
+        assert listener._thread is not None
+        listener._thread.join(5)
+    assert listener.reconnects == 20
+    [record] = [r for r in caplog.records if "lost its broker connection" in r.getMessage()]
+    assert record.exc_info is not None
+
+
+def test_the_back_off_starts_again_after_a_good_connection(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(listener_module, "RECONNECT_FIRST", 0.001)
+    listener = Listener(app)
+    waits: list[float] = []
+    listener._connection_lost = lambda message, exc, backoff: waits.append(backoff)  # type: ignore[assignment]
+
+    def consume() -> None:
+        if len(waits) == 3:
+            listener.connections += 1  # this attempt got through, then the broker went
+        if len(waits) == 5:
+            listener._stop.set()
+        raise ConnectionResetError("gone")
+
+    monkeypatch.setattr(listener, "_consume", consume)
+    listener.start()
+    assert listener._thread is not None
+    listener._thread.join(5)
+    assert waits == [0.001, 0.002, 0.004, 0.001, 0.002]
