@@ -11,15 +11,13 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable
 
 import pytest
-from bridge_worker_app import HERE, REDIS_BROKER, ROOT, Cluster, running_cluster, unique
+from harness import HERE, ROOT, SINK_URL, Cluster, unique
 
 from baton_celery import Workflow
-
-pytestmark = pytest.mark.integration
 
 TIMEOUT = 60.0
 
@@ -42,16 +40,15 @@ def entry_points(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    with running_cluster(REDIS_BROKER, tmp_path) as cluster:
-        yield cluster
+def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
+    return make_cluster("cli", "redis", bridge=True)
 
 
 def celery(cluster: Cluster, entry_points: Path, *args: str) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of ``celery -A bridge_worker_app baton ARGS``."""
+    """The command line and environment of ``celery -A worker_app baton ARGS``."""
     env = cluster.env()
     env["PYTHONPATH"] = os.pathsep.join([str(entry_points), env["PYTHONPATH"]])
-    return [sys.executable, "-m", "celery", "-A", "bridge_worker_app", "baton", *args], env
+    return [sys.executable, "-m", "celery", "-A", "worker_app", "baton", *args], env
 
 
 class Lines:
@@ -82,7 +79,7 @@ class Lines:
 
 def test_watch_lines_then_status(cluster: Cluster, entry_points: Path) -> None:
     workflow_id = str(uuid.uuid4())
-    tag = unique("t")
+    steps = cluster.steps()
     cmd, env = celery(cluster, entry_points, "watch", "--lines", "--workflow", workflow_id)
     watch = subprocess.Popen(
         cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -92,8 +89,8 @@ def test_watch_lines_then_status(cluster: Cluster, entry_points: Path) -> None:
         err.until("baton: listening for events on")
         (
             Workflow(label="cli", workflow_id=workflow_id)
-            .add("extract", cluster.step(tag, "extract"))
-            .add("load", cluster.step(tag, "load", fail_times=1), deps=["extract"])
+            .add("extract", steps.s("extract"))
+            .add("load", steps.s("load", fail_times=1), deps=["extract"])
             .apply_async(app=cluster.app)
         )
         out.until("FINISHED completed")
@@ -139,14 +136,14 @@ def test_watch_lines_then_status(cluster: Cluster, entry_points: Path) -> None:
 def test_watch_table_on_a_terminal(cluster: Cluster, entry_points: Path, tmp_path: Path) -> None:
     """The live table, in a real terminal (tmux), updated in place."""
     workflow_id = str(uuid.uuid4())
-    tag = unique("t")
+    steps = cluster.steps()
     cmd, env = celery(cluster, entry_points, "watch", "--workflow", workflow_id)
     session = unique("baton-watch")
-    done_key = cluster.key("watch-exit", session)
+    done_key = steps.key("watch-exit")
     # The pane's command reports its exit through the sink (BLPOP: no polling).
     script = (
         " ".join(f"'{part}'" for part in cmd)
-        + f"; redis-cli -n 11 rpush '{done_key}' $? > /dev/null; sleep 600"
+        + f"; redis-cli -u '{SINK_URL}' rpush '{done_key}' $? > /dev/null; sleep 600"
     )
     subprocess.run(
         ["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "40", script],
@@ -155,8 +152,8 @@ def test_watch_table_on_a_terminal(cluster: Cluster, entry_points: Path, tmp_pat
     try:
         (
             Workflow(label="table", workflow_id=workflow_id)
-            .add("first", cluster.step(tag, "first"))
-            .add("second", cluster.step(tag, "second"), deps=["first"])
+            .add("first", steps.s("first"))
+            .add("second", steps.s("second"), deps=["first"])
             .apply_async(app=cluster.app)
         )
         popped = cluster.db.blpop([done_key], timeout=TIMEOUT)

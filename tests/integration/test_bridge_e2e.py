@@ -7,20 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import redis
-from bridge_worker_app import (
-    AMQP_BROKER,
-    REDIS_BROKER,
-    Cluster,
-    RedisServer,
-    running_cluster,
-    unique,
-)
+from harness import BROKERS, Cluster, LocalRedis, Steps
 
 import baton_celery
 from baton_celery import Workflow, WorkflowFinished, WorkflowHandle, collect_events
@@ -28,9 +19,6 @@ from baton_celery.bridge import bridge_exchange, process_token
 from baton_celery.events import StepUpdated, utcnow
 from baton_celery.listener import Listener
 
-pytestmark = pytest.mark.integration
-
-BROKERS = {"redis": REDIS_BROKER, "amqp": AMQP_BROKER}
 TIMEOUT = 60.0
 
 
@@ -60,20 +48,19 @@ class Tap(Listener):
 
 
 @pytest.fixture(params=sorted(BROKERS))
-def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
-    with running_cluster(BROKERS[request.param], tmp_path) as cluster:
-        yield cluster
+def bridged(request: pytest.FixtureRequest, make_cluster: Callable[..., Cluster]) -> Cluster:
+    return make_cluster("bridge", request.param, bridge=True)
 
 
-def diamond(cluster: Cluster, tag: str, label: str) -> WorkflowHandle:
+def diamond(steps: Steps, label: str) -> WorkflowHandle:
     """a -> (b, which fails once and retries; c) -> d."""
     return (
         Workflow(label=label)
-        .add("a", cluster.step(tag, "a"))
-        .add("b", cluster.step(tag, "b", fail_times=1), deps=["a"])
-        .add("c", cluster.step(tag, "c"), deps=["a"])
-        .add("d", cluster.step(tag, "d"), deps=["b", "c"])
-        .apply_async(app=cluster.app)
+        .add("a", steps.s("a"))
+        .add("b", steps.s("b", fail_times=1), deps=["a"])
+        .add("c", steps.s("c"), deps=["a"])
+        .add("d", steps.s("d"), deps=["b", "c"])
+        .apply_async(app=steps.cluster.app)
     )
 
 
@@ -82,19 +69,19 @@ def key_of(event: Any) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def test_listener_receives_every_event_in_order(cluster: Cluster) -> None:
+def test_listener_receives_every_event_in_order(bridged: Cluster) -> None:
     runs = 6
     with (
-        Tap(cluster.app) as tap,
+        Tap(bridged.app) as tap,
         collect_events() as log,
-        baton_celery.listen(cluster.app) as listener,
+        baton_celery.listen(bridged.app) as listener,
     ):
         assert listener.ready and tap.wait_ready(10)
-        handles = [diamond(cluster, unique("t"), f"diamond-{i}") for i in range(runs)]
+        handles = [diamond(bridged.steps(), f"diamond-{i}") for i in range(runs)]
         log.wait_finished(timeout=TIMEOUT, count=runs)
         for handle in handles:
             assert handle.wait(timeout=TIMEOUT).outcome == "completed"
-        store = baton_celery.install(cluster.app).store
+        store = baton_celery.install(bridged.app).store
         total = {h.id: store.load(h.id).seq for h in handles}
         envelopes = tap.wait_count(sum(total.values()))
         assert listener.malformed == 0 and listener.reconnects == 0
@@ -118,28 +105,23 @@ def test_listener_receives_every_event_in_order(cluster: Cluster) -> None:
         }
 
 
-def test_wait_uses_the_live_finish(cluster: Cluster) -> None:
-    with baton_celery.listen(cluster.app) as listener:
+def test_wait_uses_the_live_finish(bridged: Cluster) -> None:
+    with baton_celery.listen(bridged.app) as listener:
         assert listener.ready
-        handle = diamond(cluster, unique("t"), "wait")
+        handle = diamond(bridged.steps(), "wait")
         finished = handle.wait(timeout=TIMEOUT)
     assert finished.outcome == "completed"
-    assert finished == WorkflowHandle(handle.id, cluster.app).wait(timeout=1)
+    assert finished == WorkflowHandle(handle.id, bridged.app).wait(timeout=1)
 
 
 @pytest.fixture(params=sorted(BROKERS))
-def bare(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+def bare(request: pytest.FixtureRequest, make_cluster: Callable[..., Cluster]) -> Cluster:
     """A cluster without workers: only its app, exchange and names."""
-    cluster = Cluster(BROKERS[request.param], tmp_path)
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
-        baton_celery.uninstall(cluster.app)
+    return make_cluster("bridge", request.param, workers=0, bridge=True)
 
 
 def test_malformed_messages_are_dropped_and_the_listener_carries_on(bare: Cluster) -> None:
-    exchange = bridge_exchange(bare.exchange)
+    exchange = bridge_exchange(bare.settings.bridge_exchange)
     good = StepUpdated("wf-ok", None, "s", "t", "executing", "j", 1, False, None, utcnow())
     received: list[Any] = []
     arrived = threading.Event()
@@ -175,8 +157,9 @@ def test_malformed_messages_are_dropped_and_the_listener_carries_on(bare: Cluste
             raw = 0
             if bare.broker.startswith("redis"):
                 # Not kombu messages at all: kombu fails inside drain_events.
-                channel = f"{bare.id}:/10.{bare.exchange}"
                 client = redis.Redis.from_url(bare.broker)
+                db = client.connection_pool.connection_kwargs["db"]
+                channel = f"{bare.settings.broker_prefix}/{db}.{exchange.name}"
                 raw += client.publish(channel, b"not json at all")
                 raw += client.publish(channel, json.dumps({"body": "e30="}))
                 raw += client.publish(channel, json.dumps([1, 2]))
@@ -192,14 +175,14 @@ def test_malformed_messages_are_dropped_and_the_listener_carries_on(bare: Cluste
 def run_across_a_restart(cluster: Cluster, restart: Callable[[], None]) -> None:
     """a -> b -> c, with the broker restarted while b runs: the workers and the listener
     reconnect, and the rest of the run arrives in order with one finish."""
-    tag = unique("t")
+    steps = cluster.steps()
     with collect_events() as log, baton_celery.listen(cluster.app) as listener:
         assert listener.ready
         handle = (
             Workflow(label="restart")
-            .add("a", cluster.step(tag, "a"))
-            .add("b", cluster.step(tag, "b", block=True), deps=["a"])
-            .add("c", cluster.step(tag, "c"), deps=["b"])
+            .add("a", steps.s("a"))
+            .add("b", steps.s("b", block=True), deps=["a"])
+            .add("c", steps.s("c"), deps=["b"])
             .apply_async(app=cluster.app)
         )
         with log._cond:
@@ -207,7 +190,7 @@ def run_across_a_restart(cluster: Cluster, restart: Callable[[], None]) -> None:
         before = listener.connections
         restart()
         assert listener.wait_ready(TIMEOUT, after=before), "no reconnection"
-        cluster.release(tag, "b")
+        steps.release("b")
         log.wait_finished(timeout=TIMEOUT)
         assert handle.wait(timeout=TIMEOUT).outcome == "completed"
     assert listener.reconnects >= 1
@@ -217,15 +200,16 @@ def run_across_a_restart(cluster: Cluster, restart: Callable[[], None]) -> None:
     assert len(log.finished) == 1 and log[-1] is log.finished[0]
 
 
-def test_redis_restart_during_a_run(tmp_path: Path) -> None:
+def test_redis_restart_during_a_run(
+    own_redis: LocalRedis, make_cluster: Callable[..., Cluster]
+) -> None:
     """Our own redis-server (never the shared one) is restarted while a step runs."""
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        with running_cluster(server.url, tmp_path) as cluster:
-            run_across_a_restart(cluster, server.restart)
-    finally:
-        server.stop()
+
+    def restart() -> None:
+        own_redis.stop()
+        own_redis.start()
+
+    run_across_a_restart(make_cluster("bridge", own_redis.url, bridge=True), restart)
 
 
 def _rabbitmqctl(*args: str) -> None:
@@ -240,8 +224,7 @@ def restart_rabbitmq() -> None:
         _rabbitmqctl("await_startup")
 
 
-def test_rabbitmq_restart_during_a_run(tmp_path: Path) -> None:
+def test_rabbitmq_restart_during_a_run(make_cluster: Callable[..., Cluster]) -> None:
     """RabbitMQ's app is stopped and started (rabbitmqctl stop_app / start_app) while a
     step runs; the listener's exclusive queue is lost with it."""
-    with running_cluster(AMQP_BROKER, tmp_path) as cluster:
-        run_across_a_restart(cluster, restart_rabbitmq)
+    run_across_a_restart(make_cluster("bridge", "amqp", bridge=True), restart_rabbitmq)

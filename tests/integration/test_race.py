@@ -11,10 +11,10 @@ from __future__ import annotations
 import collections
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
-from baton_worker_app import TOUCH
-from it_support import Cluster, finishes, states, step_events
+from harness import Cluster, finishes, states, step_events
+from worker_app import TOUCH
 
 from baton_celery import Workflow
 
@@ -23,8 +23,8 @@ WIDTH = 20
 FINISH_TIMEOUT = 100.0
 
 
-def test_200_workflows_finish_exactly_once(race_cluster: Cluster) -> None:
-    cluster = race_cluster
+def test_200_workflows_finish_exactly_once(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster("race", "redis", workers=2)  # four pool processes racing
     assert len(cluster.workers) == 2
     touch = cluster.app.tasks[TOUCH]
     started = time.monotonic()
@@ -32,13 +32,11 @@ def test_200_workflows_finish_exactly_once(race_cluster: Cluster) -> None:
     kinds: dict[str, str] = {}
     handles = []
     for i in range(PER_KIND):
-        fan = Workflow(label=f"race-fan-{i}")
+        fan, parallel = Workflow(label=f"race-fan-{i}"), Workflow(label=f"race-par-{i}")
         for j in range(WIDTH):
             fan.add(f"s{j}", touch.s())
-        fan.add("final", touch.s(), deps=[f"s{j}" for j in range(WIDTH)])
-        parallel = Workflow(label=f"race-par-{i}")
-        for j in range(WIDTH):
             parallel.add(f"p{j}", touch.s())
+        fan.add("final", touch.s(), deps=[f"s{j}" for j in range(WIDTH)])
         for kind, workflow in (("fan", fan), ("parallel", parallel)):
             handle = workflow.apply_async()
             kinds[handle.id] = kind
@@ -76,8 +74,8 @@ def test_200_workflows_finish_exactly_once(race_cluster: Cluster) -> None:
     # Every step ran once and settled once.
     runs = cluster.postruns().items
     assert len(runs) == len(jobs), "a step's message was delivered more than once"
-    assert {task_id for task_id, _, _ in runs} == set(jobs)
-    assert {state for _, state, _ in runs} == {"SUCCESS"}
+    assert {task_id for task_id, *_ in runs} == set(jobs)
+    assert {state for _, state, *_ in runs} == {"SUCCESS"}
 
     finish_sources = collections.Counter()
     settled_by_several = 0

@@ -1,11 +1,17 @@
-"""Support for the end-to-end tests: real ``celery worker`` subprocesses and the Redis
-"sink" through which the tests watch them.
+"""The integration tests' harness: the brokers and stores they run on, real prefork
+``celery worker`` subprocesses of :mod:`worker_app`, the Redis "sink" through which the
+tests watch them, and redis-servers of a test's own.
 
-Nothing here sleeps to synchronise: waits are BLPOPs on the sink bounded by a deadline.
+Every name a run creates is unique to it (queues, exchanges, control exchanges, Redis
+broker keys through kombu's ``global_keyprefix``, store and sink keys under
+``baton-it:<session>:``) and is deleted at teardown. Nothing is flushed: other users of
+these servers are left alone. Nothing here sleeps to synchronise: waits are BLPOPs on
+the sink bounded by a deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,20 +25,32 @@ from pathlib import Path
 from typing import Any, Callable
 
 import redis
-from baton_worker_app import STEP, create_app, sink_key
 from celery import Celery
+from worker_app import STEP, Settings, create_app, sink_key
 
 import baton_celery
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
 
-REDIS_BROKER = "redis://127.0.0.1:6379/12"
-AMQP_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
-SINK_URL = "redis://127.0.0.1:6379/13"
+from redis_servers import LocalRedis  # noqa: E402  (a redis-server of a test's own)
+
+__all__ = ["BROKERS", "SINK_URL", "STORES", "Cluster", "LocalRedis", "Session", "Steps"]
+
+REDIS = "redis://127.0.0.1:6379"
+#: The brokers the tests run on, by the name tests parametrize with.
+BROKERS = {"redis": f"{REDIS}/12", "amqp": "amqp://guest:guest@127.0.0.1:5672//"}
+#: The stores, by name: a template filled with the session's directory and a key prefix.
+STORES = {
+    "sqlite": "sqlite:///{tmp}/{name}.sqlite3",
+    "redis": f"{REDIS}/13?key_prefix={{prefix}}",
+}
+SINK_URL = f"{REDIS}/13"
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+WAIT = 60.0
 TERMINAL = ("completed", "discarded", "cancelled")
 
 
@@ -85,6 +103,9 @@ class ListReader:
                 self.items.append(self.decode(popped[1]))
 
 
+# --- workers -----------------------------------------------------------------------
+
+
 @dataclass
 class Worker:
     node: str
@@ -105,20 +126,41 @@ class Worker:
 
 @dataclass
 class Cluster:
-    """One broker + one SQLite store + one queue, served by one or more worker processes,
-    with the matching client app in the test process."""
+    """One app (a broker, a store, a queue, maybe a bridge exchange) served by one or more
+    worker processes, with the same app as the client in the test process."""
 
-    name: str
-    broker: str
-    store: str
-    queue: str
+    name: str  # unique to the session
+    settings: Settings
     session: Session
     app: Celery
     workers: list[Worker] = field(default_factory=list)
+    helpers: list[Steps] = field(default_factory=list)
 
     @property
     def db(self) -> redis.Redis:
         return self.session.db
+
+    @property
+    def broker(self) -> str:
+        return self.settings.broker
+
+    def env(self) -> dict[str, str]:
+        """The environment of a ``celery -A worker_app ...`` command of this cluster."""
+        path = [str(HERE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        return {
+            **os.environ,
+            **self.settings.env(),
+            "PYTHONPATH": os.pathsep.join(path),
+            "BATON_IT_SINK": SINK_URL,
+            "BATON_IT_PREFIX": self.session.prefix,
+            "BATON_IT_CLUSTER": self.name,
+        }
+
+    def steps(self) -> Steps:
+        """The ``step`` task for one test, with its own sink keys."""
+        helper = Steps(self)
+        self.helpers.append(helper)
+        return helper
 
     def main_sources(self) -> set[str]:
         """The ``source`` of events sent by the workers' main processes (not the pool)."""
@@ -127,35 +169,22 @@ class Cluster:
     def diagnose(self) -> str:
         return "\n".join(w.log_tail() for w in self.workers)
 
-    # workers ------------------------------------------------------------------------
+    def log(self) -> str:
+        return "".join(w.log() for w in self.workers)
 
     def start_worker(self, concurrency: int = 2) -> Worker:
         node = unique(f"baton-it-{self.name}")
         log_path = self.session.tmp / f"{node}.log"
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                [str(HERE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-            ),
-            "BATON_IT_BROKER": self.broker,
-            "BATON_IT_BROKER_PREFIX": self.session.broker_prefix,
-            "BATON_IT_STORE": self.store,
-            "BATON_IT_QUEUE": self.queue,
-            "BATON_IT_CONTROL": self.session.control,
-            "BATON_IT_SINK": SINK_URL,
-            "BATON_IT_PREFIX": self.session.prefix,
-            "BATON_IT_CLUSTER": self.name,
-            "BATON_IT_NODE": node,
-        }
         cmd = [
-            sys.executable, "-m", "celery", "-A", "baton_worker_app", "worker",
-            "-P", "prefork", "-c", str(concurrency), "-Q", self.queue, "-n", f"{node}@%h",
-            "-l", "INFO", "--without-mingle", "--without-gossip", "--without-heartbeat",
+            sys.executable, "-m", "celery", "-A", "worker_app", "worker",
+            "-P", "prefork", "-c", str(concurrency), "-Q", self.settings.queue,
+            "-n", f"{node}@%h", "-l", "INFO",
+            "--without-mingle", "--without-gossip", "--without-heartbeat",
         ]  # fmt: skip
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                cmd, cwd=HERE, env={**self.env(), "BATON_IT_NODE": node}, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         worker = Worker(node, process, log_path)
         self.workers.append(worker)
@@ -181,8 +210,16 @@ class Cluster:
                     f"celery worker {worker.node} ({self.broker}) {why}\n{worker.log_tail(200)}"
                 )
 
+    def kill_worker(self, worker: Worker) -> None:
+        """SIGKILL the worker's main process and its pool: its whole process group."""
+        os.killpg(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(timeout=STOP_TIMEOUT)
+
     def stop(self) -> None:
-        """TERM every worker (warm shutdown), KILL its process group after a bound."""
+        """Release blocked steps, TERM every worker (warm shutdown), KILL its process
+        group after a bound."""
+        for helper in self.helpers:
+            helper.release_all()
         for worker in self.workers:
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
@@ -204,17 +241,29 @@ class Cluster:
         assert not missing, f"no ping reply from {missing} (got {replies})\n{self.diagnose()}"
 
     def delete_broker_objects(self) -> None:
-        with self.app.connection_for_write() as conn:
+        """What this cluster declared on the broker (on Redis, its keys go with the
+        session's global_keyprefix)."""
+        control = self.settings.control
+        exchanges = [self.settings.queue, f"{control}.pidbox", f"reply.{control}.pidbox"]
+        if self.settings.bridge_exchange:
+            exchanges.append(self.settings.bridge_exchange)
+        with contextlib.suppress(OSError), self.app.connection_for_write() as conn:
             channel = conn.default_channel
-            channel.queue_delete(self.queue)
-            channel.exchange_delete(self.queue)
+            channel.queue_delete(self.settings.queue)
+            for exchange in exchanges:
+                channel.exchange_delete(exchange)
 
     # observing ------------------------------------------------------------------------
 
     def events(self, workflow_id: str) -> ListReader:
         return self.session.reader(sink_key(self.session.prefix, "events", workflow_id))
 
+    def events_until_finish(self, workflow_id: str, timeout: float = WAIT) -> list[Any]:
+        """Every event of the workflow forwarded so far, once its finish has arrived."""
+        return self.events(workflow_id).wait(has_finish, timeout, "the finish", self.diagnose)
+
     def finished(self) -> ListReader:
+        """Every WorkflowFinished this cluster's workers sent."""
         return self.session.reader(sink_key(self.session.prefix, "finished", self.name))
 
     def postruns(self) -> ListReader:
@@ -230,7 +279,7 @@ class Cluster:
 
 def by_task(postruns: Iterable[list[Any]]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for task_id, state, _source in postruns:
+    for task_id, state, _source, _time in postruns:
         out.setdefault(task_id, []).append(state)
     return out
 
@@ -251,28 +300,32 @@ class Session:
 
     @property
     def broker_prefix(self) -> str:
-        return f"baton-it:{self.id}:"
-
-    @property
-    def control(self) -> str:
-        return f"baton-it-{self.id}"
+        return f"{self.prefix}:"
 
     def reader(self, key: str) -> ListReader:
         if key not in self.readers:
             self.readers[key] = ListReader(self.db, key)
         return self.readers[key]
 
-    def cluster(self, name: str, broker: str) -> Cluster:
-        store = "sqlite:///" + str(self.tmp / f"{name}.sqlite3")
+    def cluster(self, kind: str, broker: str, store: str = "sqlite", **flags: Any) -> Cluster:
+        """A cluster's app, without workers. ``broker`` and ``store`` name an entry of
+        :data:`BROKERS` and :data:`STORES`, or are URLs; ``flags`` are
+        :class:`Settings`' (``bridge=True`` gives it a bridge exchange of its own)."""
+        name = unique(kind)
         queue = f"baton-it-{self.id}-{name}"
-        app = create_app(
-            broker=broker,
-            store=store,
-            queue=queue,
-            control=self.control,
-            broker_prefix=self.broker_prefix,
+        store_url = STORES.get(store, store).format(
+            tmp=self.tmp, name=name, prefix=f"{self.prefix}:store-{name}"
         )
-        return Cluster(name, broker, store, queue, self, app)
+        settings = Settings(
+            broker=BROKERS.get(broker, broker),
+            store=store_url,
+            queue=queue,
+            broker_prefix=self.broker_prefix,
+            bridge_exchange=f"{queue}-events" if flags.pop("bridge", False) else None,
+            **flags,
+        )
+        self.brokers_used.add(settings.broker.split(":", 1)[0])
+        return Cluster(name, settings, self, create_app(settings))
 
     def delete_keys(self) -> None:
         for key in self.db.scan_iter(match=f"{self.prefix}:*", count=1000):
@@ -302,13 +355,14 @@ class Steps:
     def calls(self, name: str) -> int:
         return int(self.cluster.db.get(self.key("calls", name)) or 0)
 
-    def wait_started(self, name: str, timeout: float = 20.0) -> str:
+    def wait_started(self, name: str, timeout: float = WAIT) -> int:
+        """Wait for the next run of the blocking step ``name``; its pool process id."""
         popped = self.cluster.db.blpop([self.key("started", name)], timeout=timeout)
         if popped is None:
             raise AssertionError(
                 f"step {name} did not start within {timeout} s\n{self.cluster.diagnose()}"
             )
-        return str(popped[1].decode())
+        return int(popped[1])
 
     def release(self, name: str) -> None:
         self.cluster.db.rpush(self.key("release", name), "go")
@@ -324,7 +378,8 @@ class Steps:
 
 
 def client_forwarder(session: Session) -> Callable[..., None]:
-    """Forwards the events the test process itself sends (handle.cancel()) to the sink."""
+    """Forwards the events the test process itself sends (handle.cancel(), a backstop
+    sweep) to the sink."""
 
     def forward(workflow_id: str, event: baton_celery.Event) -> None:
         data = event.to_dict()
