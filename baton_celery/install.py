@@ -47,16 +47,19 @@ def _bound_task_classes(app: Any) -> list[type]:
 
 
 def install(app: Any) -> Runtime:
-    """Connect baton_celery to a Celery app; its ``baton_*`` settings are read now (a
-    setting changed later is taken up, with a warning, when the app's store is first
-    used in a process).
+    """Connect baton_celery to a Celery app.
+
+    Its ``baton_*`` settings are read now when the app is already configured (a setting
+    changed later is taken up, with a warning, when the app's store is first used in a
+    process), else when baton first needs them: install never loads a pending
+    configuration, so ``config_from_object()`` after it stays lazy.
 
     Installing twice is harmless, and each app in a process keeps its own configuration.
     """
     runtime = runtime_for(app)
     if runtime is not None:
         return runtime
-    runtime = Runtime(app, Config.from_app(app))
+    runtime = Runtime(app, Config.from_app(app) if app.configured else None)
     # Task classes bound from now on get the wrappers through the annotations; those
     # already bound (the app was finalized before install) get them here.
     app.__dict__[ANNOTATIONS_ATTR] = [TaskAnnotations(app)]

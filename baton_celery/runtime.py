@@ -27,11 +27,21 @@ class Runtime:
     """An installed app's baton state. The store is built on first use, so each process
     (including each prefork child, after the fork) builds its own connections."""
 
-    def __init__(self, app: Any, config: Config) -> None:
+    def __init__(self, app: Any, config: Config | None = None) -> None:
         self.app = app
-        self.config = config
+        # None until the app's configuration is loaded: reading app.conf earlier would
+        # load it (Celery's PendingConfiguration), making config_from_object() eager and
+        # dropping defaults added later. See install().
+        self._config = config
         self._store: Store | None = None
         self._lock = threading.Lock()
+
+    @property
+    def config(self) -> Config:
+        config = self._config
+        if config is None:
+            config = self._config = Config.from_app(self.app)
+        return config
 
     @property
     def store(self) -> Store:
@@ -56,6 +66,8 @@ class Runtime:
         """Settings are read at install; one changed before the store's first use in this
         process (e.g. ``baton_bridge = True`` set after ``install(app)``) is taken up
         here, loudly, rather than silently ignored."""
+        if self._config is None:
+            return  # read now, on first use: nothing to compare with
         current = Config.from_app(self.app)
         changed = [
             f.name
@@ -65,7 +77,7 @@ class Runtime:
         if changed:
             names = ", ".join(f"baton_{n}" for n in changed)
             logger.warning(CHANGED_AFTER_INSTALL, names, "s" if len(changed) > 1 else "")
-            self.config = current
+            self._config = current
 
     def close(self) -> None:
         """Close the store's connections, if this process opened any."""

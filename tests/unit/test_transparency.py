@@ -113,7 +113,7 @@ def test_the_original_before_start_gets_what_celery_gives_it(
 
     seen.clear()
     result = hooked.apply((1,), {"y": 2}, task_id="t-1")
-    assert result.get() == 3
+    assert result.result == 3
     assert seen == [(*kind, "t-1", (1,), {"y": 2}) for kind in expected]
 
 
@@ -128,7 +128,7 @@ def test_a_mock_before_start_is_called_with_three_arguments(app: Celery) -> None
     hook = mock.Mock()
     task = app.tasks[plain.name]
     type(task).before_start = hook  # set on the class after binding, as a user might
-    assert task.apply((4,), task_id="t-2").get() == 4
+    assert task.apply((4,), task_id="t-2").result == 4
     hook.assert_called_once_with("t-2", (4,), {})
 
 
@@ -193,7 +193,7 @@ def test_tasks_bound_after_install_are_wrapped_and_keep_user_annotations(app: Ce
     def late() -> str:
         return "ok"
 
-    assert late.apply(task_id="t-4").get() == "ok"
+    assert late.apply(task_id="t-4").result == "ok"
     assert calls == ["t-4"]  # the user's around-wrapper runs inside baton's
     assert late.rate_limit == "7/s"  # and the entry's other keys still apply
     assert hasattr(type(app.tasks[late.name]).__dict__["before_start"], "_baton_original")
@@ -308,5 +308,22 @@ def test_a_snoozed_step_whose_requeue_fails_does_not_fail_the_task(
         finally:
             task.pop_request()
         assert baton_failures(caplog, "requeueing a snoozed step failed")
+    finally:
+        baton_celery.uninstall(app)
+
+
+def test_install_does_not_load_a_pending_configuration() -> None:
+    """Celery loads an app's configuration lazily; install must not force it (Celery's
+    own t/unit/app tests found that it did)."""
+    app = Celery(f"pending-{uuid.uuid4().hex[:8]}", set_as_current=False)
+    baton_celery.install(app)
+    try:
+        assert not app.configured
+        app.add_defaults({"baton_max_error_length": 55, "broker_url": "memory://"})
+        app.config_from_object({"baton_store": "memory://"})  # still lazy: nothing read
+        assert not app.configured
+        runtime = runtime_for(app)
+        assert runtime is not None and runtime.config.max_error_length == 55
+        assert runtime.config.store == "memory://"
     finally:
         baton_celery.uninstall(app)
