@@ -1,7 +1,13 @@
-"""Shared by the unit tests: a real three-node Redis Cluster on loopback ports, started
-once per session when a collected test needs it (the store contract and the Redis store
-tests list it among their backends) and torn down at the end; and the cleanup of the keys
-the session's Redis stores left on the shared server."""
+"""Shared by the unit tests: the ``redis`` marker, a real three-node Redis Cluster on
+loopback ports, and the cleanup of the keys the session's Redis stores left on the shared
+server.
+
+Tests that need a Redis server get the ``redis`` marker here: every test of the Redis
+store's file, the "redis" and "cluster" parameters of the others (e.g. the store
+contract's backends), and the tests of ``ON_EVERY_BACKEND``. ``pytest tests/unit -m "not
+redis"`` runs the rest with no Redis up. The cluster is started once per session when a
+selected test runs on it, and torn down at the end.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,48 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 
-from redis_servers import LocalCluster, delete_session_keys, unit_cluster
+from redis_servers import LocalCluster, delete_session_keys, unit_cluster  # noqa: E402
 
-NEEDS_CLUSTER = {"test_store_contract.py", "test_redis_store.py"}
+REDIS_FILES = {"test_redis_store.py"}
+#: Tests that run on every shared backend in one loop, the Redis Cluster's included.
+ON_EVERY_BACKEND = {"test_store_contract.py::test_processes_see_each_others_state"}
+
+
+def _is_unit(item: pytest.Item) -> bool:
+    return HERE in Path(str(item.path)).resolve().parents
+
+
+def _param_id(item: pytest.Item) -> str:
+    callspec = getattr(item, "callspec", None)
+    return callspec.id.lower() if callspec is not None else ""
+
+
+def _on_every_backend(item: pytest.Item) -> bool:
+    return f"{Path(str(item.path)).name}::{item.name}" in ON_EVERY_BACKEND
+
+
+def needs_cluster(item: pytest.Item) -> bool:
+    return _is_unit(item) and ("cluster" in _param_id(item) or _on_every_backend(item))
+
+
+def needs_redis(item: pytest.Item) -> bool:
+    in_redis_file = Path(str(item.path)).name in REDIS_FILES
+    return needs_cluster(item) or (_is_unit(item) and (in_redis_file or "redis" in _param_id(item)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if needs_redis(item):
+            item.add_marker(pytest.mark.redis)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def redis_cluster(request: pytest.FixtureRequest) -> Iterator[LocalCluster | None]:
-    if not any(Path(str(item.path)).name in NEEDS_CLUSTER for item in request.session.items):
+    # session.items holds the selected tests only (after -m, -k and deselection).
+    if not any(needs_cluster(item) for item in request.session.items):
         yield None
         return
     cluster = unit_cluster().start()
@@ -31,7 +69,9 @@ def redis_cluster(request: pytest.FixtureRequest) -> Iterator[LocalCluster | Non
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _delete_shared_redis_keys() -> Iterator[None]:
-    """Whatever the Redis stores of this session left on the shared server goes."""
+def _delete_shared_redis_keys(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Whatever the Redis stores of this session left on the shared server goes (when a
+    selected test used it)."""
     yield
-    delete_session_keys()
+    if any(needs_redis(item) for item in request.session.items):
+        delete_session_keys()
