@@ -7,15 +7,18 @@ with it fails the gate.
 
 It downloads the source distribution of the installed Celery release from PyPI (it ships
 ``t/``), installs the test requirements that release pins (a chosen few, see
-``UNIT_REQUIREMENTS``), runs the suite's files twice with the same pytest options (the
+``REQUIREMENTS``), runs the suite's files twice with the same pytest options (the
 release's own pytest configuration, ``compat_plugin`` recording each test's outcome),
-prints a table of the tests that regressed and exits 1 if there is any. Tests that fail in
-both passes are counted and ignored.
+reruns the tests that regressed alone in both modes, prints a table of those that fail
+with baton again and pass without, and exits 1 if there is any. Tests that fail in both
+passes are counted and ignored; a regression that does not come back on the rerun (a
+flaky or order-dependent test) is shown but not counted (``--no-rerun`` counts them all).
 
 Options: ``--workdir DIR`` (default: a new temporary directory), ``--findings FILE`` (also
 write the regressions with their tracebacks as Markdown), ``--no-install`` (the
 requirements are already there), ``--only baseline|baton`` (one pass, no comparison),
-``-n N`` (xdist workers; 0 for none), and after ``--`` more pytest arguments for both
+``-n N`` (xdist workers; 0 for none), ``--redis URL`` (integration: that server instead
+of a private one), and after ``--`` more pytest arguments for both
 passes (``-- -k trace``).
 """
 
@@ -166,13 +169,12 @@ class Pass:
     tests: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def pytest_command(suite: str, workers: int, extra: list[str]) -> list[str]:
-    spec = SUITES[suite]
+def pytest_command(suite: str, workers: int, extra: list[str], tests: list[str]) -> list[str]:
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rN"]
     command += ["-p", "celery.contrib.pytest", "-p", "compat_plugin"]
     if workers:
         command += ["-n", str(workers)]
-    return command + spec["options"] + extra + spec["paths"]
+    return command + SUITES[suite]["options"] + extra + tests
 
 
 def suite_environment(redis_url: str | None) -> dict[str, str]:
@@ -228,13 +230,17 @@ def private_redis(workdir: Path) -> Iterator[str]:
         process.wait(timeout=30)
 
 
-def run_pass(name: str, args: argparse.Namespace, sdist: Path, workers: int) -> Pass:
+def run_pass(
+    name: str, args: argparse.Namespace, sdist: Path, workers: int, tests: list[str] | None = None
+) -> Pass:
+    """One pytest run: ``name`` is "baseline" or "baton", with "-rerun" for the rerun of
+    the given ``tests`` (by default: the suite's paths)."""
     suite, workdir = args.suite, args.workdir
     result = Pass(name, workdir / f"{suite}-{name}.json")
     result.record.unlink(missing_ok=True)
-    command = pytest_command(suite, workers, args.pytest_args)
+    command = pytest_command(suite, workers, args.pytest_args, tests or SUITES[suite]["paths"])
     command.append(f"--compat-record={result.record}")
-    if name == "baton":
+    if name.startswith("baton"):
         command.append("--compat-baton")
         if suite == "integration":  # a prefork worker: its processes share a SQLite file
             store = workdir / "baton-store.sqlite3"
@@ -247,7 +253,10 @@ def run_pass(name: str, args: argparse.Namespace, sdist: Path, workers: int) -> 
         if suite == "integration" and redis_url is None:
             redis_url = stack.enter_context(private_redis(workdir))
         on_redis = f" (Redis {redis_url})" if redis_url else ""
-        log(f"{name} pass: {' '.join(command[1:])}{on_redis}")
+        ids = set(tests or ())
+        shown = [arg for arg in command[1:] if arg not in ids]
+        shown += [f"<{len(ids)} test ids>"] if ids else []
+        log(f"{name} pass: {' '.join(shown)}{on_redis}")
         with output.open("w") as out:
             process = subprocess.run(
                 command,
@@ -274,11 +283,25 @@ def check_pass(result: Pass, sdist: Path) -> None:
         raise SystemExit(f"compat: the {result.name} pass imported Celery from the sdist")
     if not result.tests:
         raise SystemExit(f"compat: the {result.name} pass ran no test")
-    if result.name == "baton" and not result.meta.get("baton_installs"):
+    if result.name.startswith("baton") and not result.meta.get("baton_installs"):
         raise SystemExit("compat: the baton pass installed baton into no app")
 
 
 # --- the comparison -----------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """Test ids, by what the two passes (and the rerun of the regressions) said."""
+
+    regressed: list[str] = field(default_factory=list)  # passed without baton, failed with
+    missing: list[str] = field(default_factory=list)  # passed without baton, not run with
+    both: list[str] = field(default_factory=list)  # failed in both passes: ignored
+    not_reproduced: list[str] = field(default_factory=list)  # regressed, then not on rerun
+
+    @property
+    def failing(self) -> bool:
+        return bool(self.regressed or self.missing)
 
 
 def counts(tests: dict[str, dict[str, Any]]) -> str:
@@ -288,22 +311,40 @@ def counts(tests: dict[str, dict[str, Any]]) -> str:
     return ", ".join(f"{n} {outcome}" for outcome, n in sorted(tally.items()))
 
 
-def compare(baseline: Pass, baton: Pass) -> tuple[list[str], list[str], list[str]]:
-    """(regressed, failing in both, missing from the baton pass): test ids."""
-    regressed, both, missing = [], [], []
-    for test_id, entry in sorted(baseline.tests.items()):
-        other = baton.tests.get(test_id)
-        if entry["outcome"] in BAD:
-            if other is not None and other["outcome"] in BAD:
-                both.append(test_id)
-            continue
-        if entry["outcome"] != "passed":
-            continue
-        if other is None:
-            missing.append(test_id)
-        elif other["outcome"] in BAD:
-            regressed.append(test_id)
-    return regressed, both, missing
+def outcome(result: Pass, test_id: str) -> str | None:
+    entry = result.tests.get(test_id)
+    return None if entry is None else str(entry["outcome"])
+
+
+def compare(baseline: Pass, baton: Pass) -> Comparison:
+    comparison = Comparison()
+    for test_id in sorted(baseline.tests):
+        before, after = outcome(baseline, test_id), outcome(baton, test_id)
+        if before in BAD and after in BAD:
+            comparison.both.append(test_id)
+        elif before == "passed" and after is None:
+            comparison.missing.append(test_id)
+        elif before == "passed" and after in BAD:
+            comparison.regressed.append(test_id)
+    return comparison
+
+
+def confirm(comparison: Comparison, baseline_rerun: Pass, baton_rerun: Pass) -> None:
+    """A regression counts when the rerun of those tests alone says so again: it fails
+    with baton and passes without. One that does not (a flaky test, or one that only
+    fails after some other test) is kept apart, shown, and not counted."""
+    confirmed = []
+    for test_id in comparison.regressed:
+        again = (
+            outcome(baton_rerun, test_id) in BAD and outcome(baseline_rerun, test_id) == "passed"
+        )
+        (confirmed if again else comparison.not_reproduced).append(test_id)
+    comparison.regressed = confirmed
+
+
+def one_line(entry: dict[str, Any]) -> str:
+    message = re.sub(r" at 0x[0-9a-f]+", "", entry["message"])  # object addresses: noise
+    return message[:160]
 
 
 def table(rows: list[tuple[str, str, str]]) -> str:
@@ -315,38 +356,42 @@ def table(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def report(
-    suite: str,
-    baseline: Pass,
-    baton: Pass,
-    regressed: list[str],
-    both: list[str],
-    missing: list[str],
-) -> str:
+def rows_for(test_ids: list[str], baton: Pass) -> list[tuple[str, str, str]]:
     rows = []
-    for test_id in regressed:
+    for test_id in test_ids:
         entry = baton.tests[test_id]
         where = "" if entry["where"] == "call" else f" ({entry['where']})"
-        message = re.sub(r" at 0x[0-9a-f]+", "", entry["message"])  # object addresses: noise
-        rows.append((test_id, entry["outcome"] + where, message[:160]))
-    rows += [(test_id, "not run", "") for test_id in missing]
+        rows.append((test_id, entry["outcome"] + where, one_line(entry)))
+    return rows
+
+
+def report(suite: str, baseline: Pass, baton: Pass, comparison: Comparison) -> str:
     lines = [
         f"Celery {baton.meta['celery']} ({suite}), Python {baton.meta['python']}",
         f"  without baton: {counts(baseline.tests)} in {baseline.seconds:.0f} s",
         f"  with baton:    {counts(baton.tests)} in {baton.seconds:.0f} s "
         f"(baton installed into {baton.meta['baton_installs']} apps)",
-        f"  failing in both passes (ignored): {len(both)}",
+        f"  failing in both passes (ignored): {len(comparison.both)}",
     ]
+    rows = rows_for(comparison.regressed, baton)
+    rows += [(test_id, "not run", "") for test_id in comparison.missing]
     if rows:
-        lines += ["", f"{len(rows)} test(s) pass without baton and fail with it:", "", table(rows)]
+        lines += ["", f"{len(rows)} test(s) pass without baton and fail with it:", ""]
+        lines.append(table(rows))
     else:
         lines += ["", "No test that passes without baton fails with it."]
+    if comparison.not_reproduced:
+        lines += [
+            "",
+            f"{len(comparison.not_reproduced)} more failed with baton in the full run but not "
+            "when rerun alone (not counted):",
+            "",
+            table(rows_for(comparison.not_reproduced, baton)),
+        ]
     return "\n".join(lines)
 
 
-def findings_markdown(
-    suite: str, summary: str, baton: Pass, regressed: list[str], missing: list[str]
-) -> str:
+def findings_markdown(suite: str, summary: str, baton: Pass, comparison: Comparison) -> str:
     parts = [
         f"# Compatibility gate findings: Celery's {suite} tests with baton_celery",
         "",
@@ -356,20 +401,14 @@ def findings_markdown(
         summary,
         "```",
     ]
-    for test_id in regressed:
+    for test_id in comparison.regressed + comparison.not_reproduced:
         entry = baton.tests[test_id]
-        parts += [
-            "",
-            f"## {test_id}",
-            "",
-            f"{entry['outcome']} in {entry['where']}: `{entry['message']}`",
-            "",
-            "```",
-            entry["text"].rstrip(),
-            "```",
-        ]
-    if missing:
-        parts += ["", "## Not run in the baton pass", ""] + [f"- {t}" for t in missing]
+        note = " (not reproduced when rerun alone)" if test_id in comparison.not_reproduced else ""
+        parts += ["", f"## {test_id}{note}", "", f"{entry['outcome']} in {entry['where']}:"]
+        parts += [f"`{entry['message']}`", "", "```", entry["text"].rstrip(), "```"]
+    if comparison.missing:
+        parts += ["", "## Not run in the baton pass", ""]
+        parts += [f"- {test_id}" for test_id in comparison.missing]
     return "\n".join(parts) + "\n"
 
 
@@ -377,16 +416,21 @@ def findings_markdown(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="after --: more pytest arguments"
+    )
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--workdir", type=Path, help="where the sdist and the records go")
     parser.add_argument("--findings", type=Path, help="also write the regressions here (.md)")
     parser.add_argument("--no-install", action="store_true", help="skip the pip install")
+    parser.add_argument("--no-rerun", action="store_true", help="count regressions unconfirmed")
     parser.add_argument("--only", choices=("baseline", "baton"), help="one pass, no compare")
     parser.add_argument("--redis", help="integration: use this server (redis://host:port)")
     parser.add_argument("-n", "--workers", type=int, help="xdist workers (0: none)")
-    parser.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.pytest_args = argv[split + 1 :]  # after --: more pytest arguments, for every pass
 
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="baton-compat-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -408,13 +452,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     baseline, baton = passes["baseline"], passes["baton"]
-    regressed, both, missing = compare(baseline, baton)
-    summary = report(args.suite, baseline, baton, regressed, both, missing)
+    comparison = compare(baseline, baton)
+    if comparison.regressed and not args.no_rerun:
+        log(f"rerunning the {len(comparison.regressed)} regressed test(s) alone, in both modes")
+        reruns = [
+            run_pass(f"{name}-rerun", args, sdist, 0, comparison.regressed)
+            for name in ("baseline", "baton")
+        ]
+        confirm(comparison, *reruns)
+    summary = report(args.suite, baseline, baton, comparison)
     print("\n" + summary + "\n", flush=True)
     if args.findings:
-        args.findings.write_text(findings_markdown(args.suite, summary, baton, regressed, missing))
+        args.findings.write_text(findings_markdown(args.suite, summary, baton, comparison))
         log(f"findings written to {args.findings}")
-    return 1 if regressed or missing else 0
+    return 1 if comparison.failing else 0
 
 
 if __name__ == "__main__":
