@@ -6,14 +6,7 @@ Turn it on in the app's config::
 
     app.conf.baton_bridge = True
 
-Each message is a small JSON envelope::
-
-    {"v": 1, "seq": 7, "origin": "<process token>", "event": {...event.to_dict()...}}
-
-``seq`` is the event's number within its workflow, assigned in the same atomic store
-update as the transition itself: a listener puts one workflow's events, sent by several
-processes, back in order with it. ``origin`` names the sending process, so a process that
-is both a worker and a listener does not deliver its own events twice.
+Each event travels as one small JSON envelope (see :mod:`baton_celery.envelope`).
 
 Publishing is transient (delivery mode 1) and bounded: by default inline, in the
 process that produced the event, over one connection per process, with a bounded retry
@@ -26,42 +19,27 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
 import queue
 import threading
 import time
-import uuid
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from kombu.entity import Exchange
 from kombu.messaging import Producer
 
+from .envelope import bridge_exchange, envelope, send_envelope
 from .events import Event
+from .guard import RateLimitedLog, log_failure
 
 if TYPE_CHECKING:
     from .config import Config
     from .runtime import Runtime
 
-__all__ = [
-    "ENVELOPE_VERSION",
-    "Publisher",
-    "RateLimitedLog",
-    "bridge_exchange",
-    "close",
-    "envelope",
-    "flush_all",
-    "process_token",
-    "publish",
-    "publisher_for",
-    "send_envelope",
-]
+__all__ = ["Publisher", "close", "flush_all", "publish", "publisher_for"]
 
 logger = logging.getLogger(__name__)
-
-ENVELOPE_VERSION = 1
 
 PUBLISH_FAILED = (
     "baton_celery: could not publish %d event(s) on the bridge exchange %r (%s); "
@@ -72,90 +50,6 @@ QUEUE_FULL = (
     "is the broker down or too slow? (%d dropped so far)"
 )
 FLUSH_INCOMPLETE = "baton_celery: %d bridge event(s) not published before the process exit"
-
-PUBLISH_CRASHED = "baton_celery: bridge publish failed for workflow %s"
-REPEATED = " (%d times in the last %.0f s)"
-
-#: How often (seconds) a repeated problem is logged again (see RateLimitedLog).
-LOG_EVERY = 10.0
-
-
-def bridge_exchange(name: str) -> Exchange:
-    """The fanout exchange the bridge uses. Its flags are fixed: RabbitMQ refuses (406) a
-    second declaration of the same name with other flags, so every process must agree.
-    Not auto-deleted: a publisher may have declared it long before the next listener
-    comes, and publishing to an exchange that vanished fails with 404 on RabbitMQ."""
-    return Exchange(  # type: ignore[no-untyped-call]
-        name, type="fanout", durable=False, auto_delete=False, delivery_mode=1
-    )
-
-
-_token: tuple[int, str] | None = None
-
-
-def process_token() -> str:
-    """A token unique to this process (a new one after a fork)."""
-    global _token
-    pid = os.getpid()
-    if _token is None or _token[0] != pid:
-        _token = (pid, f"{uuid.uuid4().hex[:16]}-{pid}")
-    return _token[1]
-
-
-def envelope(event: Event, seq: int) -> dict[str, Any]:
-    """The JSON document one event travels in."""
-    return {"v": ENVELOPE_VERSION, "seq": seq, "origin": process_token(), "event": event.to_dict()}
-
-
-def send_envelope(
-    producer: Any, exchange: Exchange, body: dict[str, Any], retry_policy: dict[str, Any]
-) -> None:
-    """Publish one JSON envelope on the bridge's exchange: transient, JSON only."""
-    producer.publish(
-        json.dumps(body, separators=(",", ":")),
-        exchange=exchange,
-        routing_key="",
-        # Declare on publish: on Redis an undeclared exchange is taken for a direct one
-        # (the message lands in a list nobody reads); on RabbitMQ a missing one closes
-        # the channel with 404.
-        declare=[exchange],
-        content_type="application/json",
-        content_encoding="utf-8",
-        delivery_mode=1,
-        retry=True,
-        retry_policy=retry_policy,
-    )
-
-
-class RateLimitedLog:
-    """A failure that may repeat on every event (a broker outage): logged the first time
-    with its traceback, then at most once per ``every`` seconds as one line that counts
-    the times since. Call it from the ``except`` block: ``log(MESSAGE, *args)``."""
-
-    def __init__(
-        self,
-        log: logging.Logger,
-        level: int = logging.ERROR,
-        *,
-        traceback: bool = True,
-        every: float = LOG_EVERY,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.log, self.level, self.traceback = log, level, traceback
-        self.every, self.clock = every, clock
-        self._last: float | None = None
-        self._count = 0  # times it happened since the last line
-
-    def __call__(self, message: str, *args: object) -> None:
-        now = self.clock()
-        self._count += 1
-        if self._last is not None and now - self._last < self.every:
-            return
-        if self._last is None or self._count == 1:  # the first, or the first in a while
-            self.log.log(self.level, message, *args, exc_info=self.traceback)
-        else:
-            self.log.log(self.level, message + REPEATED, *args, self._count, now - self._last)
-        self._last, self._count = now, 0
 
 
 _STOP = object()
@@ -375,7 +269,6 @@ class Publisher:
 _publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
 _by_runtime: weakref.WeakKeyDictionary[Runtime, Publisher] = weakref.WeakKeyDictionary()
 _by_runtime_lock = threading.Lock()
-_publish_crashed = RateLimitedLog(logger)
 
 
 def publisher_for(runtime: Runtime) -> Publisher | None:
@@ -402,8 +295,8 @@ def publish(runtime: Runtime, event: Event, seq: int) -> None:
         publisher = publisher_for(runtime)
         if publisher is not None:
             publisher.publish(event, seq)
-    except Exception:
-        _publish_crashed(PUBLISH_CRASHED, event.workflow_id)
+    except Exception as exc:
+        log_failure("bridge publish", exc, event.workflow_id)
 
 
 def close(runtime: Runtime, timeout: float | None = None) -> bool:

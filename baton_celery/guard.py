@@ -1,9 +1,10 @@
-"""The one guard around everything baton does inside a user's task.
+"""The one guard around everything baton does inside a user's task, and the one way it
+logs a failure that may repeat.
 
-A failure of baton, of its store or of a receiver must never reach the task, and an
-outage must not flood the worker's log: the first failure of a kind is logged with its
-traceback, the same failure again only as a count, at most once per :data:`LOG_EVERY`
-seconds.
+A failure of baton, of its store, its broker or a receiver must never reach the task,
+and an outage must not flood the worker's log: the first failure of a kind is logged
+with its traceback, the same failure again at most once per :data:`LOG_EVERY` seconds,
+as one line that counts the times since.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Callable
 
-__all__ = ["LOG_EVERY", "guarded", "log_failure"]
+__all__ = ["LOG_EVERY", "RateLimitedLog", "guarded", "log_failure"]
 
 logger = logging.getLogger("baton_celery")
 
@@ -22,33 +24,60 @@ logger = logging.getLogger("baton_celery")
 LOG_EVERY = 60.0
 
 FAILED = "baton_celery: %s failed (%s); the task itself is unaffected"
-REPEATED = "baton_celery: %s failed %d more time(s) in the last %.0f s (last: %s: %s)"
+REPEATED = " (%d times in the last %.0f s)"
 
-# (where, exception type) -> [time of the last line, failures not logged since]
-_seen: dict[tuple[str, type[BaseException]], list[float]] = {}
-_lock = threading.Lock()
+
+class RateLimitedLog:
+    """One kind of failure that may repeat on every task or event: logged the first time
+    with its traceback, then at most once per ``every`` seconds (default
+    :data:`LOG_EVERY`) as one line counting the times since, without a traceback. Call
+    it from the ``except`` block: ``log(MESSAGE, *args)``."""
+
+    def __init__(
+        self,
+        log: logging.Logger = logger,
+        level: int = logging.ERROR,
+        *,
+        traceback: bool = True,
+        every: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.log, self.level, self.traceback = log, level, traceback
+        self.every, self.clock = every, clock
+        self._last: float | None = None
+        self._count = 0  # times it happened since the last line
+        self._lock = threading.Lock()
+
+    def __call__(self, message: str, *args: object) -> None:
+        every = LOG_EVERY if self.every is None else self.every
+        with self._lock:
+            now = self.clock()
+            self._count += 1
+            if self._last is not None and now - self._last < every:
+                return
+            first = self._last is None or self._count == 1  # the first, or first in a while
+            count, since = self._count, (0.0 if self._last is None else now - self._last)
+            self._last, self._count = now, 0
+        if first:
+            self.log.log(self.level, message, *args, exc_info=self.traceback)
+        else:
+            self.log.log(self.level, message + REPEATED, *args, count, since)
+
+
+# (where, exception type) -> its log
+_logs: dict[tuple[str, type[BaseException]], RateLimitedLog] = {}
+_logs_lock = threading.Lock()
 
 
 def log_failure(where: str, exc: BaseException, context: object = None) -> None:
-    """Log that ``where`` failed with ``exc``: with a traceback the first time, then a
-    count at most once per :data:`LOG_EVERY` seconds. ``context`` names what it was
-    doing (a task id, a workflow id)."""
+    """Log, rate-limited, that ``where`` failed with ``exc`` (call it from the ``except``
+    block); ``context`` names what it was doing (a task id, a workflow id)."""
     key = (where, type(exc))
-    now = time.monotonic()
-    with _lock:
-        entry = _seen.get(key)
-        if entry is None:
-            _seen[key] = [now, 0]
-            first = True
-        else:
-            entry[1] += 1
-            if now - entry[0] < LOG_EVERY:
-                return
-            first, missed, entry[0], entry[1] = False, int(entry[1]), now, 0
-    if first:
-        logger.error(FAILED, where, context, exc_info=exc)
-    else:
-        logger.error(REPEATED, where, missed, LOG_EVERY, type(exc).__name__, exc)
+    log = _logs.get(key)
+    if log is None:
+        with _logs_lock:
+            log = _logs.setdefault(key, RateLimitedLog())
+    log(FAILED, where, context)
 
 
 @contextlib.contextmanager
@@ -62,5 +91,5 @@ def guarded(where: str, context: object = None) -> Iterator[None]:
 
 def reset() -> None:
     """Forget every failure seen (tests use it)."""
-    with _lock:
-        _seen.clear()
+    with _logs_lock:
+        _logs.clear()

@@ -47,15 +47,10 @@ from kombu.entity import Queue
 from kombu.messaging import Consumer, Producer
 
 from . import pubsub
-from .bridge import (
-    ENVELOPE_VERSION,
-    RateLimitedLog,
-    bridge_exchange,
-    process_token,
-    send_envelope,
-)
 from .config import Config
+from .envelope import ENVELOPE_VERSION, bridge_exchange, process_token, send_envelope
 from .events import Event, WorkflowFinished, event_from_dict
+from .guard import RateLimitedLog
 from .reorder import Reorderer
 from .runtime import runtime_for
 

@@ -43,7 +43,7 @@ import redis  # noqa: E402
 from celery import Celery, signals  # noqa: E402
 
 import baton_celery  # noqa: E402
-from baton_celery.bridge import bridge_exchange  # noqa: E402
+from baton_celery.envelope import bridge_exchange  # noqa: E402
 from baton_celery.events import StepUpdated, WorkflowFinished, utcnow  # noqa: E402
 from baton_celery.listener import Listener  # noqa: E402
 

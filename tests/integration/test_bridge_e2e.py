@@ -15,7 +15,7 @@ from harness import BROKERS, Cluster, LocalRedis, Steps
 
 import baton_celery
 from baton_celery import Workflow, WorkflowFinished, WorkflowHandle, collect_events
-from baton_celery.bridge import bridge_exchange, process_token
+from baton_celery.envelope import bridge_exchange, process_token
 from baton_celery.events import StepUpdated, utcnow
 from baton_celery.listener import Listener
 

@@ -15,9 +15,10 @@ from celery import Celery
 from kombu.entity import Queue
 
 import baton_celery
-from baton_celery import bridge
-from baton_celery.bridge import Publisher, bridge_exchange, envelope, process_token
+from baton_celery import bridge, guard
+from baton_celery.bridge import Publisher
 from baton_celery.config import Config
+from baton_celery.envelope import bridge_exchange, envelope, process_token
 from baton_celery.events import StepUpdated, event_from_dict, utcnow
 
 
@@ -222,34 +223,6 @@ def test_closing_a_full_queue_still_stops_the_thread(bridged: Celery) -> None:
     assert not thread.is_alive() and publisher.dropped == 1
 
 
-def test_a_repeated_failure_is_logged_once_with_its_traceback_then_counted(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    now = [0.0]
-    log = logging.getLogger("baton_celery.test_rate_limited")
-    limited = bridge.RateLimitedLog(log, every=10.0, clock=lambda: now[0])
-    with caplog.at_level(logging.ERROR, log.name):
-        for second in range(25):  # one failure a second
-            now[0] = float(second)
-            try:
-                raise ConnectionError("down")
-            except ConnectionError:
-                limited("broker %s failed", "x")
-        now[0] = 100.0  # a quiet minute later, a new failure
-        try:
-            raise ConnectionError("down again")
-        except ConnectionError:
-            limited("broker %s failed", "x")
-    records = caplog.records
-    lines = [(r.getMessage(), r.exc_info is not None) for r in records]
-    assert lines == [
-        ("broker x failed", True),  # 0 s: the first, with its traceback
-        ("broker x failed (10 times in the last 10 s)", False),  # 10 s: 1-10
-        ("broker x failed (10 times in the last 10 s)", False),  # 20 s: 11-20
-        ("broker x failed (5 times in the last 80 s)", False),  # 100 s: 21-24, and this one
-    ]
-
-
 def test_a_failing_publish_logs_its_traceback_once_not_on_every_event(
     bridged: Celery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -259,9 +232,10 @@ def test_a_failing_publish_logs_its_traceback_once_not_on_every_event(
         raise RuntimeError("a bug in the bridge")
 
     monkeypatch.setattr(bridge, "publisher_for", broken)
-    monkeypatch.setattr(bridge, "_publish_crashed", bridge.RateLimitedLog(bridge.logger))
-    with caplog.at_level(logging.ERROR, "baton_celery.bridge"):
+    guard.reset()
+    with caplog.at_level(logging.ERROR, "baton_celery"):
         for seq in range(1, 51):
             bridge.publish(runtime, an_event(), seq)  # never raises
     [record] = [r for r in caplog.records if "bridge publish failed" in r.getMessage()]
+    guard.reset()
     assert record.exc_info is not None and "a bug in the bridge" in caplog.text

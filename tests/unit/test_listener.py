@@ -14,8 +14,9 @@ from celery import Celery
 
 import baton_celery
 from baton_celery import listener as listener_module
-from baton_celery.bridge import Publisher, bridge_exchange
+from baton_celery.bridge import Publisher
 from baton_celery.config import Config
+from baton_celery.envelope import bridge_exchange
 from baton_celery.events import Event, StepUpdated, WorkflowFinished, utcnow
 from baton_celery.listener import Listener, listening
 
