@@ -4,19 +4,59 @@ from __future__ import annotations
 
 from typing import Any
 
+from .canvas import INPUT, RESULT, Tail
 from .identity import HEADER, StepIdentity
+from .runtime import runtime_for
 from .stores.records import StepRecord
 
-__all__ = ["publish_step"]
+__all__ = ["ResultNotPassable", "publish_step"]
+
+
+class ResultNotPassable(RuntimeError):
+    """A canvas step's input (its dependencies' results) cannot be read from the store."""
 
 
 def publish_step(app: Any, workflow_id: str, label: str | None, step: StepRecord) -> None:
     """Send one step to the broker as its own task, under the job id chosen at creation.
 
+    A canvas step (see :mod:`baton_celery.canvas`) gets its dependencies' results, read
+    from the store now, as its first argument, as a Celery chain link or chord body would.
+
     Custom headers reach ``task.request`` in the worker and survive Celery's retries, but
     not tasks a step publishes itself: only the steps baton publishes carry the header.
     """
     signature = app.signature(step.signature)
+    options = dict(signature.options)
+    incoming = options.pop(INPUT, None)
+    options.pop(RESULT, None)
+    signature.options = options
+    if incoming is not None:
+        signature = signature.clone(args=(_input(app, workflow_id, incoming),))
     headers = dict(signature.options.get("headers") or {})
     headers[HEADER] = StepIdentity(workflow_id, label, step.name, step.dispatch).header()
     signature.apply_async(task_id=step.job_id, headers=headers)
+
+
+def _input(app: Any, workflow_id: str, incoming: Tail) -> Any:
+    runtime = runtime_for(app)
+    if runtime is None:
+        raise ResultNotPassable("baton_celery is not installed on this app")
+    if not runtime.config.store_results:
+        raise ResultNotPassable(
+            "baton_store_results is off: the results this step takes as its first "
+            "argument are not stored"
+        )
+    steps = runtime.store.load(workflow_id).steps
+
+    def value(tail: Tail) -> Any:
+        if not isinstance(tail, str):
+            return [value(t) for t in tail]
+        dep = steps[tail]
+        if dep.has_result and dep.result is None:
+            raise ResultNotPassable(
+                f"the result of step {tail!r} is not JSON-serializable, so it cannot be "
+                "passed on as this step's argument"
+            )
+        return dep.result
+
+    return value(incoming)

@@ -30,7 +30,7 @@ from celery.canvas import Signature, _chain, chord, group
 
 from . import pubsub
 from .announce import announce, publish_or_discard
-from .events import EXECUTING, RETRYABLE, WorkflowFinished
+from .events import COMPLETED, EXECUTING, RETRYABLE, WorkflowFinished
 from .listener import listening
 from .runtime import Runtime, runtime_for
 from .stores.records import StepRecord, WorkflowRecord
@@ -66,6 +66,24 @@ class Workflow:
         self.label = label
         self.id = workflow_id or str(uuid.uuid4())
         self._steps: list[_Step] = []
+
+    @classmethod
+    def from_canvas(
+        cls, signature: Any, label: str | None = None, workflow_id: str | None = None
+    ) -> Workflow:
+        """A workflow of a Celery canvas (chain, group, chord, nested): one step per task
+        signature, its dependencies and arguments as Celery's canvas semantics give them
+        (see :mod:`baton_celery.canvas`). A step is named ``sig.set(step="name")``, else
+        after its task (``add``, ``add#2``, ...). Raises :class:`WorkflowError` for what
+        baton cannot express."""
+        from .canvas import RESULT, translate
+
+        workflow = cls(label=label, workflow_id=workflow_id)
+        steps, shape = translate(signature, WorkflowError)
+        steps[0].signature.options[RESULT] = shape
+        for step in steps:
+            workflow.add(step.name, step.signature, deps=step.deps)
+        return workflow
 
     def add(
         self,
@@ -255,6 +273,37 @@ class WorkflowHandle:
             outcome=record.outcome,
             failed_steps=tuple(record.failed_steps()) if record.finished else (),
         )
+
+    def results(self) -> dict[str, Any]:
+        """Each completed step's stored result by name (None for one that returned
+        nothing, or whose result was not stored)."""
+        record = self._load()
+        return {s.name: s.result for s in record.steps.values() if s.state == COMPLETED}
+
+    def result(self) -> Any:
+        """For a workflow made by :meth:`Workflow.from_canvas`: what Celery's own
+        AsyncResult of that canvas would give (the last link of a chain, the body's result
+        for a chord, the list for a group). Raises :class:`WorkflowError` before the
+        workflow finished, or when a step the result needs did not complete."""
+        from .canvas import RESULT
+
+        record = self._load()
+        first = next(iter(record.steps.values()))
+        shape = first.signature.get("options", {}).get(RESULT)
+        if shape is None:
+            raise WorkflowError(f"workflow {self.id} was not made by Workflow.from_canvas")
+        if not record.finished:
+            raise WorkflowError(f"workflow {self.id} has not finished")
+
+        def value(tail: Any) -> Any:
+            if not isinstance(tail, str):
+                return [value(t) for t in tail]
+            step = record.steps[tail]
+            if step.state != COMPLETED:
+                raise WorkflowError(f"step {tail!r} ended {step.state}: {step.error}")
+            return step.result
+
+        return value(shape)
 
     def wait(self, timeout: float | None = None, interval: float = 0.25) -> WorkflowFinished:
         """Block until the workflow finished; return its WorkflowFinished event.
