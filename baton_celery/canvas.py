@@ -121,8 +121,8 @@ class _Translator:
         for key in ("link", "link_error"):
             if sig.options.get(key):
                 raise self.error(
-                    f"{where}: {key} set on a {kind} is not supported; "
-                    f"use {kind}.{key}(...), which Celery applies to its tasks"
+                    f"{where}: {key} on a {kind} itself is not supported; "
+                    "set it on the tasks it should follow"
                 )
 
     def walk(self, sig: Any, incoming: Tail | None, where: str) -> Tail:

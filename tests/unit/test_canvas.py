@@ -132,6 +132,12 @@ def test_names_from_set_step_and_generated_ones_avoid_them() -> None:
     assert [n for n, _ in steps_of(canvas)] == ["add#2", "add", "add#3"]
 
 
+def linked_chain() -> Any:
+    canvas = chain(add.s(1, 1), add.s(1))
+    canvas.link(record.s())  # kept on the chain itself, not on a task
+    return canvas
+
+
 @pytest.mark.parametrize(
     ("canvas", "message"),
     [
@@ -140,7 +146,9 @@ def test_names_from_set_step_and_generated_ones_avoid_them() -> None:
         (lambda: add.chunks([(1, 2)], 1), "baton cannot express a chunks"),
         (lambda: add.map([1, 2]), "baton cannot express a xmap"),
         (lambda: chain(add.s(1, 1).set(step="x"), add.s(2).set(step="x")), "duplicate step"),
-        (lambda: group(add.s(1, 1), add.s(2, 2)).set(link=record.s()), "link set on a group"),
+        (lambda: group(add.s(1, 1), add.s(2, 2)).set(link=record.s()), "link on a group itself"),
+        (linked_chain, "link on a chain itself"),
+        (lambda: chain(add.s(1, 1).set(step=""), add.s(1)), "step names must be"),
     ],
 )
 def test_bad_input_is_a_workflow_error_naming_the_problem(canvas: Any, message: str) -> None:
