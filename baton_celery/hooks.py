@@ -9,7 +9,6 @@ failure of baton or of its store is logged (rate-limited) and never reaches the 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from typing import Any, Callable, NamedTuple
@@ -81,7 +80,6 @@ def step_hook(where: str, find: Finder = _current_request) -> Callable[[Body], A
     workflow steps, entirely under the guard."""
 
     def decorate(body: Body) -> Callable[..., None]:
-        @functools.wraps(body)
         def receiver(sender: Any = None, **kwargs: Any) -> None:
             try:
                 ref = find(sender, kwargs)
@@ -90,6 +88,11 @@ def step_hook(where: str, find: Finder = _current_request) -> Callable[[Body], A
             except Exception as exc:
                 log_failure(f"{where} hook", exc, kwargs.get("task_id"))
 
+        # Named like the body, but not functools.wraps: its __wrapped__ would make
+        # Celery 5.3's connect() read the body's signature and refuse a receiver that
+        # takes no **kwargs.
+        receiver.__name__ = receiver.__qualname__ = body.__name__
+        receiver.__doc__ = body.__doc__
         return receiver
 
     return decorate
