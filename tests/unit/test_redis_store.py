@@ -22,6 +22,13 @@ from baton_celery.stores import Store, StoreError, UnknownWorkflow, store_from_u
 from baton_celery.stores.memory import MemoryStore
 from baton_celery.stores.records import StepRecord, Transition, WorkflowRecord
 from baton_celery.stores.redis import RedisStore
+from baton_celery.stores.redis_scripts import (
+    SCRIPT_FIELDS,
+    SCRIPTS,
+    STEP_FIELDS,
+    WITH_PRELUDE,
+    text,
+)
 
 BACKENDS = ["single", "cluster"]
 
@@ -238,6 +245,18 @@ def test_keys_share_one_slot_and_expire_only_once_finished(redis_store: RedisSto
     assert 0 < redis_store.client.ttl(job) <= 60
     assert redis_store.live_workflows() == []
     assert redis_store.locate(record.steps["s2"].job_id) == (record.id, "s2")
+
+
+def test_a_step_hash_holds_the_fields_the_scripts_know(redis_store: RedisStore) -> None:
+    """The Lua field positions are made from STEP_FIELDS and SCRIPT_FIELDS: the hash that
+    create writes must hold those fields and no other."""
+    wid = f"wf-{uuid.uuid4()}"
+    step = StepRecord("a", "t", f"{wid}/a", {}, has_result=True, result=[1], error="E",
+                      origin="a", state="completed")  # fmt: skip
+    redis_store.create(WorkflowRecord(wid, None, {"a": step}))
+    fields = redis_store.client.hkeys(f"{redis_store._base(wid)}s:a")
+    assert sorted(text(f) for f in fields) == sorted(STEP_FIELDS + SCRIPT_FIELDS)
+    assert set(SCRIPTS) == {"create", *WITH_PRELUDE}
 
 
 def test_retention_removes_a_finished_workflow(redis_store: RedisStore) -> None:
