@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .canvas import INPUT, RESULT, Tail
+from .canvas import INPUT, RESULT, Tail, flatten
 from .identity import HEADER, StepIdentity
 from .runtime import runtime_for
 from .stores.records import StepRecord
@@ -46,17 +46,18 @@ def _input(app: Any, workflow_id: str, incoming: Tail) -> Any:
             "baton_store_results is off: the results this step takes as its first "
             "argument are not stored"
         )
-    steps = runtime.store.load(workflow_id).steps
+    # Only the completed steps that returned something are listed; one listed with None
+    # returned a value the store could not keep (not JSON-serializable).
+    stored = runtime.store.results(workflow_id, dict.fromkeys(flatten(incoming)))
 
     def value(tail: Tail) -> Any:
         if not isinstance(tail, str):
             return [value(t) for t in tail]
-        dep = steps[tail]
-        if dep.has_result and dep.result is None:
+        if tail in stored and stored[tail] is None:
             raise ResultNotPassable(
                 f"the result of step {tail!r} is not JSON-serializable, so it cannot be "
                 "passed on as this step's argument"
             )
-        return dep.result
+        return stored.get(tail)
 
     return value(incoming)
