@@ -132,6 +132,28 @@ def test_names_from_set_step_and_generated_ones_avoid_them() -> None:
     assert [n for n, _ in steps_of(canvas)] == ["add#2", "add", "add#3"]
 
 
+def test_per_task_options_are_kept_and_step_is_not_an_option() -> None:
+    canvas = chain(
+        add.s(1, 1).set(step="first", queue="q1", priority=3, headers={"h": "v"}),
+        add.s(1).set(countdown=0.5),
+    )
+    first, second = Workflow.from_canvas(canvas)._steps
+    assert first.name == "first" and "step" not in first.signature.options
+    assert {k: first.signature.options[k] for k in ("queue", "priority", "headers")} == {
+        "queue": "q1",
+        "priority": 3,
+        "headers": {"h": "v"},
+    }
+    assert second.signature.options["countdown"] == 0.5
+
+
+def test_translating_leaves_the_canvas_as_it_was() -> None:
+    canvas = chain(add.s(1, 1), add.s(1))
+    before = repr(canvas), [dict(t.options) for t in canvas.tasks]
+    Workflow.from_canvas(canvas)
+    assert (repr(canvas), [dict(t.options) for t in canvas.tasks]) == before
+
+
 def linked_chain() -> Any:
     canvas = chain(add.s(1, 1), add.s(1))
     canvas.link(record.s())  # kept on the chain itself, not on a task
