@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "SHARED_REDIS_URL",
     "LocalCluster",
     "LocalRedis",
+    "SilentRedis",
     "delete_session_keys",
     "shared_redis_url",
     "spare_port",
@@ -154,6 +156,51 @@ class LocalRedis:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SilentRedis:
+    """A hung Redis: a TCP server on a spare loopback port that accepts connections and
+    never answers. It closes each connection after ``hold`` seconds (a client without a
+    timeout then fails late rather than never) and all of them when it stops: use it as a
+    context manager, its thread ends on exit."""
+
+    def __init__(self, hold: float = 5.0) -> None:
+        self.hold = hold
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)  # so that the loop sees the stop flag
+        self.port = int(self._listener.getsockname()[1])
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._serve, name=f"silent-redis-{self.port}", daemon=True
+        )
+
+    def __enter__(self) -> SilentRedis:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "the silent server's thread did not stop"
+
+    def _serve(self) -> None:
+        held: list[tuple[socket.socket, float]] = []
+        try:
+            while not self._stopping.is_set():
+                try:
+                    conn, _ = self._listener.accept()
+                    held.append((conn, time.monotonic() + self.hold))
+                except socket.timeout:
+                    pass
+                now = time.monotonic()
+                for conn, until in held:
+                    if until <= now:
+                        conn.close()
+                held = [(conn, until) for conn, until in held if until > now]
+        finally:
+            for conn, _ in held:
+                conn.close()
+            self._listener.close()
 
 
 class LocalCluster:

@@ -47,7 +47,9 @@ def store_from_url(url: str, **options: Any) -> Store:
     if _is_redis_client(url):
         from .redis import RedisStore
 
-        return RedisStore(url, retention=options.get("retention", 86400.0))
+        return RedisStore(
+            url, retention=options.get("retention", 86400.0), timeout=options.get("timeout", 5.0)
+        )
     if not isinstance(url, str) or "://" not in url:
         raise ValueError(
             f"baton store must be a URL such as 'sqlite:///baton.sqlite3', got {url!r}"

@@ -11,10 +11,10 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .base import Store, StoreError, UnknownWorkflow
 from .records import RUN, SKIP, SNOOZE, TERMINAL, Transition, WorkflowRecord
+from .redis_clients import client_from_url, is_cluster, with_timeout
 from .redis_scripts import (
     SCRIPTS,
     decode_transition,
@@ -44,10 +44,13 @@ class RedisStore(Store):
     ``redis+cluster://host1:7000,host2:7001``) or from a ready ``redis.Redis`` /
     ``redis.cluster.RedisCluster`` client. ``key_prefix`` (URL query ``key_prefix=``)
     namespaces every key; ``timeout`` bounds every socket operation; ``retention`` is how
-    long a finished workflow's keys are kept (seconds; negative: forever).
+    long a finished workflow's keys are kept (seconds; negative: forever). A ready client
+    that has a ``socket_timeout`` keeps it; one without is used through a copy with
+    ``timeout`` (the store closes the copy's idle connections, never the client's).
 
-    A call that fails on the connection is retried once (a connection closed by a Redis
-    restart); a timed-out reply is not, since the script may have run.
+    A call of a client made from a URL that fails on the connection is retried once (a
+    connection closed by a Redis restart); a timed-out reply is not, since the script may
+    have run. A ready client keeps its own retry policy.
 
     A workflow is not one blob but a few small keys, so a transition reads and writes only
     the step it is about, the dependents it releases or cancels, and two counters::
@@ -81,12 +84,16 @@ class RedisStore(Store):
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError(f"key_prefix must not contain braces: {key_prefix!r}")
+        if timeout is not None:
+            bounded = with_timeout(client, timeout)
+            if bounded is not client:  # a copy, with the store's timeout: this store's
+                client, owns_client = bounded, True
         self.client = client
         self.key_prefix = key_prefix
         self.retention = retention
         self.timeout = timeout
         self._owns_client = owns_client
-        self.cluster = _is_cluster(client)
+        self.cluster = is_cluster(client)
         self._loaded: set[str] = set()  # the scripts this store's client has run once
 
     # --- construction ----------------------------------------------------------------
@@ -95,50 +102,7 @@ class RedisStore(Store):
     def from_url(
         cls, url: str, *, timeout: float = 5.0, retention: float = 86400.0, **options: Any
     ) -> RedisStore:
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        key_prefix = query.pop("key_prefix", "baton")
-        url = urlunsplit(parts._replace(query=urlencode(query)))
-        try:
-            import redis
-            from redis.backoff import ExponentialBackoff
-            from redis.retry import Retry
-        except ImportError:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "the redis store needs the redis package: pip install 'baton_celery[redis]'"
-            ) from None
-        common: dict[str, Any] = {
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "decode_responses": True,
-            # Once, on a connection error only (a pooled connection that a Redis restart
-            # closed): a timeout is not retried, the script may have run.
-            "retry": Retry(
-                ExponentialBackoff(cap=0.5, base=0.05), 1, supported_errors=(redis.ConnectionError,)
-            ),
-            **options,
-        }
-        client: Any
-        if parts.scheme.endswith("+cluster"):
-            from redis.cluster import ClusterNode, RedisCluster
-
-            nodes = []
-            for hostport in (parts.netloc.rpartition("@")[2] or "127.0.0.1:6379").split(","):
-                host, _, port = hostport.rpartition(":")
-                nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))  # type: ignore[no-untyped-call]
-            auth = parts.netloc.rpartition("@")[0]
-            if auth:
-                user, _, password = auth.rpartition(":")
-                common.setdefault("password", password or None)
-                common.setdefault("username", user or None)
-            if parts.scheme.startswith("rediss"):
-                common.setdefault("ssl", True)
-            try:
-                client = RedisCluster(startup_nodes=nodes, **common)
-            except redis.RedisError as exc:
-                raise StoreError(f"redis cluster store {url}: {exc}") from exc
-        else:
-            client = redis.Redis.from_url(url, **common)
+        client, key_prefix = client_from_url(url, timeout, **options)
         return cls(
             client, key_prefix=key_prefix, retention=retention, timeout=timeout, owns_client=True
         )
@@ -353,11 +317,3 @@ class RedisStore(Store):
                 # The finish is committed and must still be announced.
                 logger.warning(CLEANUP_FAILED, workflow_id, exc)
         return out
-
-
-def _is_cluster(client: Any) -> bool:
-    try:
-        from redis.cluster import RedisCluster
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(client, RedisCluster)

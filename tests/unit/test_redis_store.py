@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from redis_servers import LocalRedis, shared_redis_url, spare_port, unique_prefix, unit_cluster
+from redis.cluster import RedisCluster
+from redis_servers import (
+    LocalRedis,
+    SilentRedis,
+    shared_redis_url,
+    spare_port,
+    unique_prefix,
+    unit_cluster,
+)
 
 import baton_celery
 from baton_celery.stores import Store, StoreError, UnknownWorkflow, store_from_url
@@ -330,31 +338,84 @@ def test_a_restarted_redis_is_used_again(tmp_path: Any) -> None:
         server.remove()
 
 
-def test_a_ready_client_can_be_the_store() -> None:
+def test_a_ready_client_without_a_socket_timeout_gets_the_store_timeout() -> None:
+    """A hung Redis must not block a hook forever: a ready client with no socket timeout
+    of its own is used with the store's."""
+    with SilentRedis() as server:
+        client = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=None)
+        store = store_from_url(client, timeout=0.5)  # type: ignore[arg-type]
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            store.load("x")
+        assert time.monotonic() - started < 3
+        store.close()
+        client.close()
+
+
+def ready_client(backend: str, **options: Any) -> Any:
+    """A client made by the user (bytes replies), to the shared Redis or the cluster."""
+    if backend == "single":
+        return redis.Redis(host="127.0.0.1", port=6379, db=11, **options)
+    return RedisCluster(host="127.0.0.1", port=unit_cluster().ports[0], **options)
+
+
+def socket_timeouts(client: Any) -> set[float | None]:
+    if isinstance(client, RedisCluster):
+        pools = [n.redis_connection.connection_pool for n in client.get_nodes()]  # type: ignore[no-untyped-call]
+    else:
+        pools = [client.connection_pool]
+    return {pool.connection_kwargs.get("socket_timeout") for pool in pools}
+
+
+def use_ready_client_store(store: RedisStore) -> None:
     prefix = unique_prefix()
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/11")  # bytes replies
-    store = store_from_url(client)  # type: ignore[arg-type]
-    assert isinstance(store, RedisStore) and store.client is client
     store.key_prefix = prefix
     record = flat_record(1)
     store.create(record)
     assert store.load(record.id).steps["s0"].job_id == record.steps["s0"].job_id
     assert store.settle(record.id, "s0", "completed", has_result=True, result=[1]).finish
     assert store.results(record.id, ["s0"]) == {"s0": [1]}
+    _delete_prefix(store, prefix)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_ready_client_with_a_timeout_is_the_stores_client(backend: str) -> None:
+    client = ready_client(backend, socket_timeout=2.0)
+    store = store_from_url(client, timeout=0.5)  # type: ignore[arg-type]
+    assert isinstance(store, RedisStore) and store.client is client
+    use_ready_client_store(store)
     store.close()  # not ours: left open
     assert client.ping()
-    _delete_prefix(store, prefix)
+    client.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_ready_client_without_a_timeout_is_copied_with_the_stores(backend: str) -> None:
+    client = ready_client(backend, socket_timeout=None)
+    store = store_from_url(client, timeout=0.5)  # type: ignore[arg-type]
+    assert isinstance(store, RedisStore) and type(store.client) is type(client)
+    assert store.client is not client and store.cluster == (backend == "cluster")
+    assert socket_timeouts(store.client) == {0.5}
+    assert socket_timeouts(client) == {None}  # the given client is left as it is
+    use_ready_client_store(store)
+    store.close()
+    assert client.ping()
+    client.close()
 
 
 def test_a_ready_client_in_the_app_config() -> None:
     client = redis.Redis.from_url("redis://127.0.0.1:6379/11", decode_responses=True)
     app = Celery(f"redis-client-{uuid.uuid4().hex[:6]}", set_as_current=False)
     app.conf.baton_store = client
+    app.conf.baton_store_timeout = 0.5
     runtime = baton_celery.install(app)
     try:
-        assert isinstance(runtime.store, RedisStore) and runtime.store.client is client
+        store = runtime.store
+        assert isinstance(store, RedisStore) and socket_timeouts(store.client) == {0.5}
+        assert store.client.ping()
     finally:
         baton_celery.uninstall(app)
+    client.close()
 
 
 def test_key_prefix_must_not_hold_a_hash_tag() -> None:
