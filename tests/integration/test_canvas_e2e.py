@@ -163,6 +163,10 @@ SHAPES: dict[str, Callable[[T], Any]] = {
 }
 
 
+# disable_sync_subtasks=False: after an in-process worker ran in this pytest process (the
+# unit tests), Celery takes every .get() for one inside a task and refuses it.
+
+
 def run_baton(app: Celery, canvas: Any) -> Any:
     workflow = Workflow.from_canvas(canvas)
     with collect_events(workflow.id) as log:
@@ -176,7 +180,9 @@ def run_baton(app: Celery, canvas: Any) -> Any:
 def test_same_result_as_celery_without_a_result_backend(
     celery_app: Celery, baton_app: Celery, shape: str
 ) -> None:
-    expected = SHAPES[shape](T(celery_app)).apply_async().get(timeout=TIMEOUT)
+    expected = (
+        SHAPES[shape](T(celery_app)).apply_async().get(timeout=TIMEOUT, disable_sync_subtasks=False)
+    )
     handle, log = run_baton(baton_app, SHAPES[shape](T(baton_app)))
     assert handle.result() == expected
     assert log.finished[0].outcome == "completed"
@@ -191,7 +197,7 @@ def test_failing_chain_link_names_the_links_celery_drops(
         return chain(t.add.s(1, 1), t.boom.s(), t.add.s(1), t.add.s(2))
 
     with pytest.raises(ValueError, match="boom"):
-        make(T(celery_app)).apply_async().get(timeout=TIMEOUT)
+        make(T(celery_app)).apply_async().get(timeout=TIMEOUT, disable_sync_subtasks=False)
     handle, log = run_baton(baton_app, make(T(baton_app)))
     assert log.finished[0].failed_steps == ("boom", "add#2", "add#3")
     assert log.states("add#2") == log.states("add#3") == ["cancelled"]
