@@ -16,7 +16,7 @@ from celery.contrib.testing.worker import start_worker
 from celery.worker import state as worker_state
 
 import baton_celery
-from baton_celery import Workflow, WorkflowError, collect_events
+from baton_celery import Workflow, WorkflowError, WorkflowHandle, collect_events
 
 TIMEOUT = 15.0
 
@@ -214,6 +214,7 @@ def test_shape_gives_celerys_result(worker: None, shape: str) -> None:
     handle, log = run(make())
     assert handle.status().outcome == "completed"
     assert handle.result() == expected
+    assert WorkflowHandle(handle.id, app).result() == expected  # the shape is in the store
     assert set(handle.results()) == set(handle.status().steps)
     for name in handle.status().steps:
         assert log.states(name) == ["executing", "completed"]
