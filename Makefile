@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make example   the main job: an ETL workflow on a real Celery worker, events printed live
-#   make test      the tests: tox's default list (matrix corners, integration, lint, typing)
+#   make test      the tests: tox's default list (matrix corners, integration, Celery compatibility gate, lint, typing)
 VENV ?= .venv
 PYTHON ?= python3
 
