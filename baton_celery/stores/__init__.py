@@ -33,8 +33,14 @@ def _backend(scheme: str) -> Any:
 
 
 def _is_redis_client(value: Any) -> bool:
-    module = type(value).__module__ or ""
-    return module.startswith("redis.") and callable(getattr(value, "evalsha", None))
+    """A ``redis.Redis`` or ``RedisCluster``, or a subclass's instance (without importing
+    redis: a value cannot be one before redis was imported)."""
+    import sys
+
+    redis = sys.modules.get("redis")
+    if redis is None:
+        return False
+    return isinstance(value, (redis.Redis, getattr(redis, "RedisCluster", redis.Redis)))
 
 
 def store_from_url(url: str, **options: Any) -> Store:

@@ -403,6 +403,18 @@ def test_a_ready_client_without_a_timeout_is_copied_with_the_stores(backend: str
     client.close()
 
 
+class UsersRedis(redis.Redis):
+    """A client class of the user's own, defined outside the redis package."""
+
+
+def test_a_ready_client_of_a_subclass_is_accepted() -> None:
+    client = UsersRedis(host="127.0.0.1", port=6379, db=11, socket_timeout=2.0)
+    store = store_from_url(client)  # type: ignore[arg-type]
+    assert isinstance(store, RedisStore) and store.client is client
+    use_ready_client_store(store)
+    client.close()
+
+
 def test_a_ready_client_in_the_app_config() -> None:
     client = redis.Redis.from_url("redis://127.0.0.1:6379/11", decode_responses=True)
     app = Celery(f"redis-client-{uuid.uuid4().hex[:6]}", set_as_current=False)
