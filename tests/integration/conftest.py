@@ -51,12 +51,13 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         session.delete_keys()  # the sink's and the Redis stores'
         if "redis" in session.brokers_used:
             # Every key kombu made for this session carries its global_keyprefix.
-            broker_db = redis.Redis.from_url(BROKERS["redis"])
-            for key in broker_db.scan_iter(match=f"{session.broker_prefix}*", count=1000):
-                broker_db.delete(key)
+            with redis.Redis.from_url(BROKERS["redis"]) as broker_db:
+                for key in broker_db.scan_iter(match=f"{session.broker_prefix}*", count=1000):
+                    broker_db.delete(key)
         # The client apps' broker connections live in kombu's process-wide pools, shared
         # by every app with the same broker URL: close them once, at the very end.
         kombu.pools.reset()
+        db.close()
 
 
 @contextlib.contextmanager

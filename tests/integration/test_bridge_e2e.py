@@ -157,12 +157,12 @@ def test_malformed_messages_are_dropped_and_the_listener_carries_on(bare: Cluste
             raw = 0
             if bare.broker.startswith("redis"):
                 # Not kombu messages at all: kombu fails inside drain_events.
-                client = redis.Redis.from_url(bare.broker)
-                db = client.connection_pool.connection_kwargs["db"]
-                channel = f"{bare.settings.broker_prefix}/{db}.{exchange.name}"
-                raw += client.publish(channel, b"not json at all")
-                raw += client.publish(channel, json.dumps({"body": "e30="}))
-                raw += client.publish(channel, json.dumps([1, 2]))
+                with redis.Redis.from_url(bare.broker) as client:
+                    db = client.connection_pool.connection_kwargs["db"]
+                    channel = f"{bare.settings.broker_prefix}/{db}.{exchange.name}"
+                    raw += client.publish(channel, b"not json at all")
+                    raw += client.publish(channel, json.dumps({"body": "e30="}))
+                    raw += client.publish(channel, json.dumps([1, 2]))
                 assert raw == 3
             send(json.dumps({"v": 1, "seq": 1, "origin": "other", "event": good.to_dict()}))
         assert arrived.wait(10), (listener.received, listener.malformed)

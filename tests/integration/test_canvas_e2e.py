@@ -79,7 +79,8 @@ if os.environ.get("CANVAS_E2E_MODE"):  # imported by a worker
 
     @signals.worker_ready.connect
     def _ready(sender: Any = None, **_: Any) -> None:
-        redis.Redis.from_url(REDIS).rpush(os.environ["CANVAS_E2E_READY"], "ready")
+        with redis.Redis.from_url(REDIS) as db:
+            db.rpush(os.environ["CANVAS_E2E_READY"], "ready")
 
 
 class T:
@@ -110,10 +111,10 @@ def start_worker(mode: str, tag: str, broker: str) -> Iterator[Celery]:
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
     process = subprocess.Popen(cmd, cwd=HERE, env=env)
-    db = redis.Redis.from_url(REDIS)
     try:
-        if db.blpop([ready], timeout=READY_TIMEOUT) is None:
-            pytest.fail(f"the {mode} worker was not ready in {READY_TIMEOUT} s")
+        with redis.Redis.from_url(REDIS) as db:
+            if db.blpop([ready], timeout=READY_TIMEOUT) is None:
+                pytest.fail(f"the {mode} worker was not ready in {READY_TIMEOUT} s")
         yield app
     finally:
         process.terminate()
