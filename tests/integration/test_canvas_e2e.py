@@ -10,6 +10,7 @@ on a Redis list the test blocks on.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -119,7 +120,27 @@ def start_worker(mode: str, tag: str, broker: str) -> Iterator[Celery]:
     finally:
         process.terminate()
         process.wait(timeout=30)
-        db.delete(ready)
+        close_result_backend(app)
+        with redis.Redis.from_url(REDIS) as db:
+            db.delete(ready)
+
+
+def close_result_backend(app: Celery) -> None:
+    """Close the sockets of the Redis result backend's client and result consumer: left
+    to the garbage collector, they would fail a later test with a ResourceWarning."""
+    if app.conf.result_backend is None:
+        return
+    # An AsyncResult collected later unsubscribes in __del__, which would open a new
+    # pub/sub connection: collect the tests' results first, while the consumer is open.
+    gc.collect()
+    backend = app.backend
+    consumer = getattr(backend, "result_consumer", None)
+    if consumer is not None:
+        consumer.stop()
+        # Results still alive would unsubscribe from a closed consumer, reconnecting.
+        consumer.subscribed_to.clear()
+    backend.client.connection_pool.disconnect()
+    backend.client.close()
 
 
 @pytest.fixture(scope="module", params=sorted(BROKERS))
