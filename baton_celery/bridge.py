@@ -130,12 +130,12 @@ class Publisher:
 
     # --- publishing -------------------------------------------------------------------
 
-    def publish(self, event: Event, seq: int) -> None:
+    def publish(self, event: Event) -> None:
         """Hand one event over; never raises, never waits for the broker in background
         mode (and at most the bounded retry policy otherwise)."""
         if self._pid != os.getpid():
             self._adopt_process()
-        body = envelope(event, seq)
+        body = envelope(event)
         if not self.background:
             self._send([body])
             return
@@ -285,8 +285,9 @@ def publisher_for(runtime: Runtime) -> Publisher | None:
     return publisher
 
 
-def publish(runtime: Runtime, event: Event, seq: int) -> None:
-    """Publish ``event`` (numbered ``seq`` in its workflow) when the app's bridge is on.
+def publish(runtime: Runtime, event: Event) -> None:
+    """Publish ``event`` (numbered in its workflow by the store) when the app's bridge
+    is on.
 
     Never raises: a bridge failure is logged and must not reach the task."""
     if not runtime.config.bridge:
@@ -294,7 +295,7 @@ def publish(runtime: Runtime, event: Event, seq: int) -> None:
     try:
         publisher = publisher_for(runtime)
         if publisher is not None:
-            publisher.publish(event, seq)
+            publisher.publish(event)
     except Exception as exc:
         log_failure("bridge publish", exc, event.workflow_id)
 

@@ -49,9 +49,14 @@ def process_token() -> str:
     return _token[1]
 
 
-def envelope(event: Event, seq: int) -> dict[str, Any]:
+def envelope(event: Event) -> dict[str, Any]:
     """The JSON document one event travels in."""
-    return {"v": ENVELOPE_VERSION, "seq": seq, "origin": process_token(), "event": event.to_dict()}
+    return {
+        "v": ENVELOPE_VERSION,
+        "seq": event.seq,
+        "origin": process_token(),
+        "event": event.to_dict(),
+    }
 
 
 def send_envelope(

@@ -17,6 +17,7 @@ __all__ = [
     "Event",
     "StepUpdated",
     "WorkflowFinished",
+    "cut_error",
     "event_from_dict",
     "utcnow",
 ]
@@ -34,8 +35,20 @@ STEP_STATES = frozenset({EXECUTING, COMPLETED, RETRYABLE, DISCARDED, CANCELLED, 
 OUTCOMES = frozenset({"completed", "failed"})
 
 
+def cut_error(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, saying so."""
+    return text if len(text) <= limit else text[: limit - 14] + "… [truncated]"
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _seq(data: dict[str, Any]) -> int:
+    seq = data.get("seq", 0)
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise ValueError(f"seq must be a whole number >= 0, got {seq!r}")
+    return seq
 
 
 def _parse_timestamp(value: Any) -> datetime:
@@ -56,6 +69,8 @@ class StepUpdated:
 
     ``attempt`` counts how many times the step has started (1 on its first run, 0 for a
     step cancelled before it ran). Events never carry result values: ``has_result`` only.
+    ``seq`` numbers the event within its workflow (1, 2, ...: the order the store made
+    them in); ``(workflow_id, seq)`` identifies it. 0 for an event no store numbered.
     """
 
     kind: ClassVar[str] = "step_updated"
@@ -70,6 +85,7 @@ class StepUpdated:
     has_result: bool
     error: str | None
     timestamp: datetime
+    seq: int = 0
 
     def __post_init__(self) -> None:
         if self.state not in STEP_STATES:
@@ -84,9 +100,9 @@ class StepUpdated:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepUpdated:
-        fields = {f.name: data[f.name] for f in dataclasses.fields(cls)}
+        fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name != "seq"}
         fields["timestamp"] = _parse_timestamp(fields["timestamp"])
-        return cls(**fields)
+        return cls(**fields, seq=_seq(data))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +111,8 @@ class WorkflowFinished:
 
     ``outcome`` is "completed" when every step completed, else "failed";
     ``failed_steps`` lists the steps that ended cancelled or discarded, in the order
-    they were added to the workflow.
+    they were added to the workflow. ``seq`` is its number in the workflow: after every
+    step event.
     """
 
     kind: ClassVar[str] = "workflow_finished"
@@ -105,6 +122,7 @@ class WorkflowFinished:
     outcome: str
     failed_steps: tuple[str, ...]
     timestamp: datetime
+    seq: int = 0
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -121,6 +139,7 @@ class WorkflowFinished:
             "outcome": self.outcome,
             "failed_steps": list(self.failed_steps),
             "timestamp": self.timestamp.isoformat(),
+            "seq": self.seq,
         }
 
     @classmethod
@@ -131,6 +150,7 @@ class WorkflowFinished:
             outcome=data["outcome"],
             failed_steps=tuple(data["failed_steps"]),
             timestamp=_parse_timestamp(data["timestamp"]),
+            seq=_seq(data),
         )
 
 

@@ -9,6 +9,7 @@ import weakref
 from typing import Any
 
 from .config import Config
+from .events import cut_error
 from .stores import Store, store_from_url
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,7 @@ class Runtime:
         if exc is None:
             return None
         text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-        limit = self.config.max_error_length
-        return text if len(text) <= limit else text[: limit - 14] + "… [truncated]"
+        return cut_error(text, self.config.max_error_length)
 
 
 def runtime_for(app: Any) -> Runtime | None:

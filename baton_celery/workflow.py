@@ -136,7 +136,12 @@ class Workflow:
         self.validate()
         app = app or self._steps[0].signature._app or self._steps[0].signature.app
         runtime = _runtime(app)
-        record = WorkflowRecord(self.id, self.label, {s.name: _record(s) for s in self._steps})
+        record = WorkflowRecord(
+            self.id,
+            self.label,
+            {s.name: _record(s) for s in self._steps},
+            error_limit=runtime.config.max_error_length,
+        )
         for step in record.steps.values():
             if not step.deps:
                 step.dispatch = 1
@@ -372,4 +377,5 @@ def _finished_event(record: WorkflowRecord) -> WorkflowFinished:
         outcome=record.outcome,
         failed_steps=tuple(record.failed_steps()),
         timestamp=datetime.fromtimestamp(record.finished_at, timezone.utc),
+        seq=record.seq,
     )

@@ -12,9 +12,21 @@ import dataclasses
 import json
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
-from ..events import CANCELLED, COMPLETED, DISCARDED, EXECUTING, RETRYABLE, SNOOZED
+from ..events import (
+    CANCELLED,
+    COMPLETED,
+    DISCARDED,
+    EXECUTING,
+    RETRYABLE,
+    SNOOZED,
+    Event,
+    StepUpdated,
+    WorkflowFinished,
+    cut_error,
+)
 
 __all__ = [
     "PENDING",
@@ -26,15 +38,22 @@ __all__ = [
     "StepRecord",
     "Transition",
     "WorkflowRecord",
+    "WorkflowSummary",
     "begin",
     "cancel",
+    "finish_event",
     "mark_retrying",
     "settle",
     "settle_stuck",
+    "step_event",
 ]
 
 #: A step that has not started yet (waiting for its dependencies, or queued).
 PENDING = "pending"
+DEFAULT_ERROR_LIMIT = 2000
+
+#: A workflow's state before it finished (then: its outcome, "completed" or "failed").
+RUNNING = "running"
 TERMINAL = frozenset({COMPLETED, DISCARDED, CANCELLED})
 FAILED = frozenset({DISCARDED, CANCELLED})
 
@@ -92,6 +111,12 @@ class WorkflowRecord:
     # Every event a transition implies gets the next number, inside the same atomic update,
     # so a receiver in another process can put one workflow's events back in order.
     seq: int = 0
+    # When its latest event happened: a later transition's events are never stamped
+    # earlier, whichever process (and clock) makes them.
+    updated_at: float = 0.0
+    # Error texts the store makes itself (a cascade's reason) are cut to this length: the
+    # baton_max_error_length of the app that created the workflow.
+    error_limit: int = DEFAULT_ERROR_LIMIT
 
     @property
     def finished(self) -> bool:
@@ -100,12 +125,23 @@ class WorkflowRecord:
     def failed_steps(self) -> list[str]:
         return [s.name for s in self.steps.values() if s.state in FAILED]
 
-    def stamp(self, step: StepRecord) -> StepRecord:
-        """Give ``step``'s new state the workflow's next event number."""
-        self.seq += 1
-        step.seq = self.seq
-        step.updated_at = time.time()
-        return step
+    def tick(self) -> float:
+        """Now, for a transition's events: never before the workflow's latest event."""
+        self.updated_at = max(time.time(), self.updated_at, self.created_at)
+        return self.updated_at
+
+    def summary(self) -> WorkflowSummary:
+        return WorkflowSummary(
+            id=self.id,
+            label=self.label,
+            state=self.outcome or RUNNING,
+            created_at=self.created_at,
+            finished_at=self.finished_at,
+            total=len(self.steps),
+            settled=sum(1 for s in self.steps.values() if s.settled),
+            failed_steps=tuple(self.failed_steps()) if self.finished else (),
+            seq=self.seq,
+        )
 
     def dependents(self, name: str) -> Iterator[StepRecord]:
         return (s for s in self.steps.values() if name in s.deps)
@@ -121,6 +157,26 @@ class WorkflowRecord:
             raw["deps"] = tuple(raw["deps"])
             steps[name] = StepRecord(**raw)
         return cls(steps=steps, **data)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkflowSummary:
+    """One workflow at a glance, as a store's index lists it (see ``Store.workflows``)."""
+
+    id: str
+    label: str | None
+    state: str  # "running", then its outcome: "completed" or "failed"
+    created_at: float  # Unix time
+    finished_at: float | None
+    total: int  # steps in all
+    settled: int  # steps that reached a terminal state
+    failed_steps: tuple[str, ...]  # once finished: the steps that ended discarded/cancelled
+    seq: int  # the number of its latest event
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["failed_steps"] = list(self.failed_steps)
+        return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,11 +197,13 @@ class Transition:
 
     Every transition (begin, retrying, settle, cancel, the backstop's) returns one.
     ``applied`` is False when it changed nothing (a duplicate settle, a stale retry, a
-    message skipped at the gate): then it implies no event. Otherwise ``step`` (when the
-    transition is about one step) has a new event, in :attr:`step_state`; ``cancelled``
-    holds the steps it cancelled (the cascade), ``released`` the dependents that must now
-    be published, and ``finish`` is set on the one transition that won the finish claim.
-    ``decision`` is the gate's answer, for ``begin`` only.
+    message skipped at the gate): then it implies no event. Otherwise ``events`` holds
+    every event it made, numbered and stamped inside the transition and kept in the
+    store's history with it, in order: the step's own (its new state in
+    :attr:`step_state`), the cascade's ``cancelled`` ones, then the finish when this
+    transition won the claim. ``cancelled`` holds the steps it cancelled, ``released`` the
+    dependents that must now be published, and ``finish`` is set on the one transition
+    that won the finish claim. ``decision`` is the gate's answer, for ``begin`` only.
     """
 
     workflow_id: str
@@ -156,6 +214,7 @@ class Transition:
     released: list[StepRecord] = dataclasses.field(default_factory=list)
     cancelled: list[StepRecord] = dataclasses.field(default_factory=list)
     finish: Finish | None = None
+    events: list[Event] = dataclasses.field(default_factory=list)
 
     @property
     def step_state(self) -> str | None:
@@ -166,14 +225,62 @@ class Transition:
         return SNOOZED if self.step.state == PENDING else self.step.state
 
 
+def _at(unix_time: float) -> datetime:
+    return datetime.fromtimestamp(unix_time, timezone.utc)
+
+
+def step_event(workflow_id: str, label: str | None, step: StepRecord, state: str) -> StepUpdated:
+    """The event of ``step``'s latest change (numbered ``step.seq``), to ``state``."""
+    return StepUpdated(
+        workflow_id=workflow_id,
+        workflow_label=label,
+        step_name=step.name,
+        worker=step.task,
+        state=state,
+        job_id=step.job_id,
+        attempt=step.attempt,
+        has_result=step.has_result,
+        error=step.error,
+        timestamp=_at(step.updated_at),
+        seq=step.seq,
+    )
+
+
+def finish_event(workflow_id: str, label: str | None, finish: Finish) -> WorkflowFinished:
+    return WorkflowFinished(
+        workflow_id=workflow_id,
+        workflow_label=label,
+        outcome=finish.outcome,
+        failed_steps=finish.failed_steps,
+        timestamp=_at(finish.finished_at),
+        seq=finish.seq,
+    )
+
+
+def _emit(record: WorkflowRecord, out: Transition, step: StepRecord, state: str) -> StepRecord:
+    """Number and stamp ``step``'s new ``state``, and make its event."""
+    record.seq += 1
+    step.seq = record.seq
+    step.updated_at = record.updated_at
+    out.events.append(step_event(record.id, record.label, step, state))
+    return step
+
+
+def _applied(record: WorkflowRecord, step: StepRecord | None = None, **fields: Any) -> Transition:
+    """A transition that will change the record: its events are stamped from now on."""
+    record.tick()
+    return Transition(record.id, record.label, applied=True, step=step, **fields)
+
+
 def _fail(step: StepRecord, state: str, error: str | None, origin: str | None) -> None:
     step.state = state
     step.error = error
     step.origin = origin or step.name
 
 
-def _cascade_reason(dep: StepRecord) -> str:
-    return f"dependency {dep.name!r} was {dep.state} (failure began at {dep.origin!r})"
+def _cascade_reason(record: WorkflowRecord, dep: StepRecord) -> str:
+    reason = f"dependency {dep.name!r} was {dep.state} (failure began at {dep.origin!r})"
+    return cut_error(reason, record.error_limit)
 
 
 def _propagate(record: WorkflowRecord, settled: StepRecord, out: Transition) -> None:
@@ -185,17 +292,17 @@ def _propagate(record: WorkflowRecord, settled: StepRecord, out: Transition) -> 
             if child.state != PENDING or child.dispatch:
                 continue  # already published, running or settled
             if not child.tolerates(dep):
-                _fail(child, CANCELLED, _cascade_reason(dep), dep.origin)
+                _fail(child, CANCELLED, _cascade_reason(record, dep), dep.origin)
             elif not all(child.tolerates(record.steps[d]) for d in child.deps):
                 continue  # still waiting for another dependency
             elif record.cancel_requested:
                 _fail(child, CANCELLED, WORKFLOW_CANCELLED, None)
             else:
                 child.dispatch += 1
-                child.updated_at = time.time()
+                child.updated_at = record.updated_at
                 out.released.append(child)
                 continue
-            out.cancelled.append(record.stamp(child))
+            out.cancelled.append(_emit(record, out, child, CANCELLED))
             stack.append(child)
 
 
@@ -204,7 +311,7 @@ def _claim_finish(record: WorkflowRecord, out: Transition) -> None:
         return
     failed = record.failed_steps()
     record.outcome = "failed" if failed else "completed"
-    record.finished_at = time.time()
+    record.finished_at = record.updated_at
     record.seq += 1
     out.finish = Finish(
         outcome=record.outcome,
@@ -214,14 +321,15 @@ def _claim_finish(record: WorkflowRecord, out: Transition) -> None:
         finished_at=record.finished_at,
         seq=record.seq,
     )
+    out.events.append(finish_event(record.id, record.label, out.finish))
 
 
 def _cancel_at_gate(
     record: WorkflowRecord, step: StepRecord, error: str, origin: str | None
 ) -> Transition:
-    out = Transition(record.id, record.label, applied=True, step=step, decision=SKIP)
+    out = _applied(record, step, decision=SKIP)
     _fail(step, CANCELLED, error, origin)
-    record.stamp(step)
+    _emit(record, out, step, CANCELLED)
     _propagate(record, step, out)
     _claim_finish(record, out)
     return out
@@ -243,16 +351,18 @@ def begin(record: WorkflowRecord, name: str, dispatch: int) -> Transition:
     blocking = next((d for d in deps if d.settled and not step.tolerates(d)), None)
     if blocking is not None:
         # Normally cascaded when the dependency settled; reached only by a stray message.
-        return _cancel_at_gate(record, step, _cascade_reason(blocking), blocking.origin)
+        return _cancel_at_gate(record, step, _cascade_reason(record, blocking), blocking.origin)
     if not all(d.settled for d in deps):
-        record.stamp(step)
-        return Transition(record.id, record.label, applied=True, step=step, decision=SNOOZE)
+        out = _applied(record, step, decision=SNOOZE)
+        _emit(record, out, step, SNOOZED)
+        return out
+    out = _applied(record, step, decision=RUN)
     step.state = EXECUTING
     step.dispatch = max(step.dispatch, dispatch)
     step.attempt += 1
     step.error = None
-    record.stamp(step)
-    return Transition(record.id, record.label, applied=True, step=step, decision=RUN)
+    _emit(record, out, step, EXECUTING)
+    return out
 
 
 def mark_retrying(record: WorkflowRecord, name: str, error: str | None) -> Transition:
@@ -261,10 +371,11 @@ def mark_retrying(record: WorkflowRecord, name: str, error: str | None) -> Trans
     step = record.steps[name]
     if step.state != EXECUTING:
         return Transition(record.id, record.label, step=step)
+    out = _applied(record, step)
     step.state = RETRYABLE
     step.error = error
-    record.stamp(step)
-    return Transition(record.id, record.label, applied=True, step=step)
+    _emit(record, out, step, RETRYABLE)
+    return out
 
 
 def settle(
@@ -283,14 +394,14 @@ def settle(
     step = record.steps[name]
     if step.settled:
         return Transition(record.id, record.label, step=step)
-    out = Transition(record.id, record.label, applied=True, step=step)
+    out = _applied(record, step)
     step.state = state
     step.has_result = has_result
     step.result = result
     step.error = error
     if state in FAILED:
         step.origin = step.name
-    record.stamp(step)
+    _emit(record, out, step, state)
     _propagate(record, step, out)
     _claim_finish(record, out)
     return out
@@ -309,15 +420,13 @@ def settle_stuck(record: WorkflowRecord, name: str, seq: int, error: str) -> Tra
 def cancel(record: WorkflowRecord) -> Transition:
     """Cancel the workflow: steps that have not started are cancelled now; running ones
     finish (their dependents will not be released); the finish is claimed once all settle."""
-    out = Transition(
-        record.id, record.label, applied=not record.finished and not record.cancel_requested
-    )
-    if not out.applied:
-        return out
+    if record.finished or record.cancel_requested:
+        return Transition(record.id, record.label)
+    out = _applied(record)
     record.cancel_requested = True
     for step in record.steps.values():
         if step.state == PENDING:
             _fail(step, CANCELLED, WORKFLOW_CANCELLED, None)
-            out.cancelled.append(record.stamp(step))
+            out.cancelled.append(_emit(record, out, step, CANCELLED))
     _claim_finish(record, out)
     return out

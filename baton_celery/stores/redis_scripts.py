@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from .records import WORKFLOW_CANCELLED, Finish, StepRecord, Transition, WorkflowRecord
+from ..events import CANCELLED
+from .records import (
+    WORKFLOW_CANCELLED,
+    Finish,
+    StepRecord,
+    Transition,
+    WorkflowRecord,
+    finish_event,
+    step_event,
+)
 
 __all__ = [
     "SCRIPTS",
@@ -195,6 +204,12 @@ def decode_transition(workflow_id: str, raw: Sequence[Any]) -> tuple[Transition,
         released=[step_record(s) for s in released],
         cancelled=[step_record(s) for s in cancelled],
     )
+    if out.step is not None and out.applied:
+        state = out.step_state
+        assert state is not None
+        out.events.append(step_event(workflow_id, out.workflow_label, out.step, state))
+    for step in out.cancelled:
+        out.events.append(step_event(workflow_id, out.workflow_label, step, CANCELLED))
     if not finish:
         return out, []
     outcome, failed, total, created, finished_at, seq, jobs = finish
@@ -207,4 +222,5 @@ def decode_transition(workflow_id: str, raw: Sequence[Any]) -> tuple[Transition,
         finished_at=finished,
         seq=int(seq),
     )
+    out.events.append(finish_event(workflow_id, out.workflow_label, out.finish))
     return out, [text(j) for j in jobs]

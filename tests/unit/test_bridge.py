@@ -22,8 +22,8 @@ from baton_celery.envelope import bridge_exchange, envelope, process_token
 from baton_celery.events import StepUpdated, event_from_dict, utcnow
 
 
-def an_event() -> StepUpdated:
-    return StepUpdated("w", "lbl", "a", "t", "completed", "j", 1, True, None, utcnow())
+def an_event(seq: int = 1) -> StepUpdated:
+    return StepUpdated("w", "lbl", "a", "t", "completed", "j", 1, True, None, utcnow(), seq)
 
 
 def test_bridge_settings_have_defaults_and_parse_strings() -> None:
@@ -46,8 +46,8 @@ def test_the_exchange_flags_are_fixed() -> None:
 
 
 def test_envelope_carries_seq_origin_and_a_result_free_event() -> None:
-    event = an_event()
-    body = envelope(event, 7)
+    event = an_event(7)
+    body = envelope(event)
     assert body["v"] == 1 and body["seq"] == 7 and body["origin"] == process_token()
     assert event_from_dict(body["event"]) == event
     assert "result" not in body["event"]
@@ -65,7 +65,7 @@ def app() -> Iterator[Celery]:
 def test_a_runtime_with_the_bridge_off_never_makes_a_publisher(app: Celery) -> None:
     runtime = baton_celery.install(app)
     made = len(bridge._publishers)
-    bridge.publish(runtime, an_event(), 1)
+    bridge.publish(runtime, an_event())
     assert bridge.publisher_for(runtime) is None
     assert runtime not in bridge._by_runtime and len(bridge._publishers) == made
     assert bridge.close(runtime)  # nothing to close
@@ -79,7 +79,7 @@ def test_a_broker_that_cannot_be_reached_is_logged_not_raised(
     app.conf.broker_connection_timeout = 0.5
     publisher = Publisher(app, Config.from_app(app))
     with caplog.at_level(logging.ERROR, "baton_celery.bridge"):
-        publisher.publish(an_event(), 1)  # inline: the send was tried (and failed) here
+        publisher.publish(an_event(1))  # inline: the send was tried (and failed) here
     publisher.close()
     assert publisher.dropped == 1 and publisher.published == 0
     assert "could not publish 1 event(s)" in caplog.text
@@ -91,14 +91,14 @@ def test_after_a_failed_send_events_are_dropped_without_trying_for_a_while() -> 
     app = Celery("down-backoff", broker="redis://127.0.0.1:1/0", set_as_current=False)
     app.conf.update(baton_store="memory://", baton_bridge=True, baton_bridge_publish_retries=0)
     publisher = Publisher(app, Config.from_app(app))
-    publisher.publish(an_event(), 1)
+    publisher.publish(an_event(1))
     assert publisher.dropped == 1 and publisher._down_until > 0
     far = publisher._down_until = time.monotonic() + 60
-    publisher.publish(an_event(), 2)
+    publisher.publish(an_event(2))
     # Dropped at once: a send that failed again would have moved the back-off's end.
     assert publisher.dropped == 2 and publisher._down_until == far
     publisher._down_until = 0.0  # the back-off is over
-    publisher.publish(an_event(), 3)
+    publisher.publish(an_event(3))
     assert publisher.dropped == 3 and publisher._down_until > 0  # tried, failed again
     publisher.close()
 
@@ -111,8 +111,8 @@ def test_a_full_queue_drops_and_logs(app: Celery, caplog: pytest.LogCaptureFixtu
     publisher._thread = threading.current_thread()  # stands in for a stuck sender
     try:
         with caplog.at_level(logging.ERROR, "baton_celery.bridge"):
-            publisher.publish(an_event(), 1)
-            publisher.publish(an_event(), 2)
+            publisher.publish(an_event(1))
+            publisher.publish(an_event(2))
     finally:
         publisher._thread = None
         publisher._queue.get_nowait()
@@ -128,7 +128,7 @@ def test_a_flush_that_times_out_leaves_no_thread_behind(app: Celery) -> None:
     publisher = Publisher(app, Config.from_app(app))
     release = threading.Event()
     publisher._send = lambda bodies: release.wait(10)  # type: ignore[assignment,method-assign]
-    publisher.publish(an_event(), 1)  # starts the sender, which then hangs
+    publisher.publish(an_event(1))  # starts the sender, which then hangs
     before = set(threading.enumerate())
     try:
         assert publisher.flush(0.1) is False
@@ -154,7 +154,7 @@ def test_a_background_flush_returns_once_the_envelopes_reached_the_broker(app: C
         bound: Any = Queue("bridge-unit-flush", publisher.exchange, routing_key="")(conn)  # type: ignore[no-untyped-call]
         bound.declare()
         for seq in (1, 2, 3):
-            publisher.publish(an_event(), seq)
+            publisher.publish(an_event(seq))
         assert publisher.flush(5)
         arrived = [bound.get(no_ack=True) for _ in range(3)]
         bound.delete()
@@ -181,7 +181,7 @@ def test_close_sends_what_is_queued_then_stops_and_forgets_the_publisher(
         bound: Any = Queue("bridge-unit-close", bridge_exchange("baton_celery.events"))(conn)  # type: ignore[no-untyped-call]
         bound.declare()
         for seq in (1, 2):
-            bridge.publish(runtime, an_event(), seq)
+            bridge.publish(runtime, an_event(seq))
         publisher = bridge._by_runtime[runtime]
         thread = publisher._thread
         assert bridge.close(runtime, 5)
@@ -195,7 +195,7 @@ def test_close_sends_what_is_queued_then_stops_and_forgets_the_publisher(
 
 def test_uninstall_closes_the_publisher_install_made(bridged: Celery) -> None:
     runtime = baton_celery.install(bridged)
-    bridge.publish(runtime, an_event(), 1)
+    bridge.publish(runtime, an_event())
     publisher = bridge._by_runtime[runtime]
     thread = publisher._thread
     baton_celery.uninstall(bridged)
@@ -210,11 +210,11 @@ def test_closing_a_full_queue_still_stops_the_thread(bridged: Celery) -> None:
     publisher = Publisher(bridged, Config.from_app(bridged))
     release = threading.Event()
     publisher._send = lambda bodies: release.wait(10)  # type: ignore[assignment,method-assign]
-    publisher.publish(an_event(), 1)  # taken by the sender, which hangs
+    publisher.publish(an_event(1))  # taken by the sender, which hangs
     deadline = time.monotonic() + 5
     while publisher._queue.qsize() and time.monotonic() < deadline:
         time.sleep(0.01)  # until the sender has taken it off the queue
-    publisher.publish(an_event(), 2)  # fills the queue
+    publisher.publish(an_event(2))  # fills the queue
     thread = publisher._thread
     assert publisher.close(0.1) is False
     release.set()
@@ -235,7 +235,7 @@ def test_a_failing_publish_logs_its_traceback_once_not_on_every_event(
     guard.reset()
     with caplog.at_level(logging.ERROR, "baton_celery"):
         for seq in range(1, 51):
-            bridge.publish(runtime, an_event(), seq)  # never raises
+            bridge.publish(runtime, an_event(seq))  # never raises
     [record] = [r for r in caplog.records if "bridge publish failed" in r.getMessage()]
     guard.reset()
     assert record.exc_info is not None and "a bug in the bridge" in caplog.text

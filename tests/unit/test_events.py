@@ -30,8 +30,9 @@ STEP_FIELDS = [
     "has_result",
     "error",
     "timestamp",
+    "seq",
 ]
-FINISHED_FIELDS = ["workflow_id", "workflow_label", "outcome", "failed_steps", "timestamp"]
+FINISHED_FIELDS = ["workflow_id", "workflow_label", "outcome", "failed_steps", "timestamp", "seq"]
 
 STAMP = datetime(2026, 11, 24, 12, 30, 15, 123456, tzinfo=timezone.utc)
 
@@ -197,6 +198,7 @@ def test_workflow_finished_round_trips_through_json() -> None:
         "outcome": "failed",
         "failed_steps": ["transform", "load"],
         "timestamp": STAMP.isoformat(),
+        "seq": 0,
     }
     assert WorkflowFinished.from_dict(data) == event
     assert event_from_dict(data) == event

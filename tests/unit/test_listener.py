@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -54,9 +55,10 @@ def test_listener_delivers_what_a_publisher_sends(app: Celery) -> None:
         assert listener.wait_ready(5)
         assert listening(app)
         listener._token = "someone-else"  # as if the publisher were another process
-        events: list[Event] = [step("w", "a", "executing"), step("w", "a"), finish("w")]
+        made: list[Event] = [step("w", "a", "executing"), step("w", "a"), finish("w")]
+        events = [replace(event, seq=seq) for seq, event in enumerate(made, 1)]
         for seq in (2, 1, 3):
-            publisher.publish(events[seq - 1], seq)  # inline: sent when this returns
+            publisher.publish(events[seq - 1])  # inline: sent when this returns
         assert done.wait(5)
     publisher.close()
     assert got == events
@@ -68,7 +70,7 @@ def test_listener_skips_its_own_process_events(app: Celery) -> None:
     publisher = Publisher(app, Config.from_app(app))
     with Listener(app, deliver=got.append) as listener:
         assert listener.wait_ready(5)
-        publisher.publish(step("w", "a"), 1)  # inline: sent when this returns
+        publisher.publish(step("w", "a"))  # inline: sent when this returns
         # A foreign message after ours: when it is delivered, ours was handled before.
         marker = step("other", "m")
         body = {"v": 1, "seq": 1, "origin": "x", "event": marker.to_dict()}
