@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
-from ..events import COMPLETED
+from ..events import COMPLETED, Event
 from . import records
-from .records import Transition, WorkflowRecord
+from .records import RUNNING, Transition, WorkflowRecord, WorkflowSummary
 
-__all__ = ["RecordStore", "Store", "StoreError", "UnknownWorkflow"]
+__all__ = ["WORKFLOW_STATES", "RecordStore", "Store", "StoreError", "UnknownWorkflow"]
 
-T = TypeVar("T")
+#: The states :meth:`Store.workflows` filters on.
+WORKFLOW_STATES = (RUNNING, "completed", "failed")
+#: The most workflows one :meth:`Store.workflows` call returns.
+MAX_PAGE = 1000
 
 
 class StoreError(Exception):
@@ -33,6 +36,9 @@ class Store(abc.ABC):
       :mod:`baton_celery.stores.records` atomically: of any number of racing callers
       settling a workflow's last steps, exactly one gets ``Transition.finish``.
     - A step settles once: a second ``settle`` returns ``applied=False`` and changes nothing.
+    - Every event a transition makes (``Transition.events``) is kept in the workflow's
+      history by the same atomic operation, and :meth:`history` returns them as made;
+      the history expires with the workflow (``baton_retention``).
     - Methods raise :class:`UnknownWorkflow` for an unknown id, :class:`StoreError` when
       the backend fails, and never block for longer than the store's timeout.
     """
@@ -71,6 +77,27 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def cancel(self, workflow_id: str) -> Transition: ...
 
+    @abc.abstractmethod
+    def history(self, workflow_id: str, after: int = 0) -> list[Event]:
+        """The workflow's events numbered above ``after``, in the order they were made:
+        every event its transitions made, equal to what a receiver got."""
+
+    @abc.abstractmethod
+    def workflows(
+        self,
+        *,
+        limit: int = 100,
+        before: float | None = None,
+        label: str | None = None,
+        state: str | None = None,
+        active_since: float | None = None,
+    ) -> list[WorkflowSummary]:
+        """At most ``limit`` workflows, newest first (by creation time): those created
+        before ``before`` (a Unix time: the next page starts at the last one's
+        ``created_at``), with that ``label`` and ``state`` ("running", "completed",
+        "failed") when given, and with ``active_since`` (a Unix time) only those still
+        running or finished at or after it. Use :func:`check_query` for the arguments."""
+
     def settle_stuck(self, workflow_id: str, step: str, seq: int, error: str) -> Transition:
         """Discard ``step`` unless it changed since it was seen with event number ``seq``
         (see :func:`records.settle_stuck`): the backstop's transition."""
@@ -106,13 +133,44 @@ class Store(abc.ABC):
         """Release connections; the store may be used again afterwards."""
 
 
+def check_query(limit: int, state: str | None) -> None:
+    """Refuse a :meth:`Store.workflows` query a store cannot answer in bounded time."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit must be a whole number from 1 to {MAX_PAGE}, got {limit!r}")
+    if state is not None and state not in WORKFLOW_STATES:
+        raise ValueError(f"state must be one of {', '.join(WORKFLOW_STATES)}, got {state!r}")
+
+
+def matches(
+    summary: WorkflowSummary,
+    before: float | None,
+    label: str | None,
+    state: str | None,
+    active_since: float | None,
+) -> bool:
+    """Whether a workflow passes a :meth:`Store.workflows` query's filters."""
+    return (
+        (before is None or summary.created_at < before)
+        and (label is None or summary.label == label)
+        and (state is None or summary.state == state)
+        and (
+            active_since is None
+            or summary.finished_at is None
+            or summary.finished_at >= active_since
+        )
+    )
+
+
 class RecordStore(Store):
     """A store that keeps each workflow as one record and transforms it under a lock or a
     transaction: the transitions are written once, in :mod:`records`, for all such stores."""
 
     @abc.abstractmethod
-    def _transform(self, workflow_id: str, change: Callable[[WorkflowRecord], T]) -> T:
-        """Load the record, apply ``change``, save it: all atomically."""
+    def _transform(
+        self, workflow_id: str, change: Callable[[WorkflowRecord], Transition]
+    ) -> Transition:
+        """Load the record, apply ``change``, save it and append the events it made to
+        the history: all atomically."""
 
     def begin(self, workflow_id: str, step: str, dispatch: int) -> Transition:
         return self._transform(workflow_id, lambda r: records.begin(r, step, dispatch))

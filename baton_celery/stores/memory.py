@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import copy
 import threading
-from typing import Callable, TypeVar
+from typing import Callable
 
-from .base import RecordStore, UnknownWorkflow
-from .records import WorkflowRecord
+from ..events import Event
+from .base import RecordStore, UnknownWorkflow, check_query, matches
+from .records import Transition, WorkflowRecord, WorkflowSummary
 
 __all__ = ["MemoryStore"]
 
-T = TypeVar("T")
-
 
 class MemoryStore(RecordStore):
-    """Keeps workflows in a dict guarded by a lock.
+    """Keeps workflows, and their histories, in dicts guarded by a lock; nothing expires.
 
     Only one process sees it: under a prefork pool each child and the main process would
     hold their own copy and miss each other's transitions, so installing it there is
@@ -27,6 +26,7 @@ class MemoryStore(RecordStore):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._workflows: dict[str, WorkflowRecord] = {}
+        self._events: dict[str, list[Event]] = {}
         self._jobs: dict[str, tuple[str, str]] = {}
 
     def create(self, record: WorkflowRecord) -> None:
@@ -34,6 +34,7 @@ class MemoryStore(RecordStore):
             if record.id in self._workflows:
                 raise ValueError(f"workflow {record.id!r} already exists")
             self._workflows[record.id] = copy.deepcopy(record)
+            self._events[record.id] = []
             for step in record.steps.values():
                 self._jobs[step.job_id] = (record.id, step.name)
 
@@ -43,6 +44,32 @@ class MemoryStore(RecordStore):
 
     def locate(self, job_id: str) -> tuple[str, str] | None:
         return self._jobs.get(job_id)
+
+    def history(self, workflow_id: str, after: int = 0) -> list[Event]:
+        with self._lock:
+            self._get(workflow_id)
+            return [e for e in self._events[workflow_id] if e.seq > after]
+
+    def workflows(
+        self,
+        *,
+        limit: int = 100,
+        before: float | None = None,
+        label: str | None = None,
+        state: str | None = None,
+        active_since: float | None = None,
+    ) -> list[WorkflowSummary]:
+        check_query(limit, state)
+        with self._lock:
+            newest = sorted(self._workflows.values(), key=lambda r: r.created_at, reverse=True)
+            found = []
+            for record in newest:
+                summary = record.summary()
+                if matches(summary, before, label, state, active_since):
+                    found.append(summary)
+                    if len(found) == limit:
+                        break
+            return found
 
     def live_workflows(self, before: float | None = None) -> list[str]:
         with self._lock:
@@ -59,7 +86,11 @@ class MemoryStore(RecordStore):
         except KeyError:
             raise UnknownWorkflow(workflow_id) from None
 
-    def _transform(self, workflow_id: str, change: Callable[[WorkflowRecord], T]) -> T:
+    def _transform(
+        self, workflow_id: str, change: Callable[[WorkflowRecord], Transition]
+    ) -> Transition:
         with self._lock:
-            # Return copies: callers read the outcome after the lock is released.
-            return copy.deepcopy(change(self._get(workflow_id)))
+            out = change(self._get(workflow_id))
+            self._events[workflow_id].extend(out.events)
+            # A copy: callers read the outcome after the lock is released.
+            return copy.deepcopy(out)

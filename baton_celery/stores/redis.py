@@ -12,8 +12,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..events import Event
 from .base import Store, StoreError, UnknownWorkflow
-from .records import RUN, SKIP, SNOOZE, TERMINAL, Transition, WorkflowRecord
+from .records import RUN, SKIP, SNOOZE, TERMINAL, Transition, WorkflowRecord, WorkflowSummary
 from .redis_clients import client_from_url, is_cluster, with_timeout
 from .redis_scripts import (
     SCRIPTS,
@@ -277,6 +278,20 @@ class RedisStore(Store):
         reply = self._call("dependency_results", workflow_id, step)
         pairs = self._checked(reply, workflow_id, step)[1]
         return {name: None if text(res) is None else json.loads(res) for name, res in pairs}
+
+    def history(self, workflow_id: str, after: int = 0) -> list[Event]:
+        raise NotImplementedError("the Redis store's history comes with its next scripts")
+
+    def workflows(
+        self,
+        *,
+        limit: int = 100,
+        before: float | None = None,
+        label: str | None = None,
+        state: str | None = None,
+        active_since: float | None = None,
+    ) -> list[WorkflowSummary]:
+        raise NotImplementedError("the Redis store's index comes with its next scripts")
 
     def live_workflows(self, before: float | None = None) -> list[str]:
         import redis

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
 import time
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
-from .base import RecordStore, StoreError, UnknownWorkflow
-from .records import WorkflowRecord
+from ..events import Event, event_from_dict
+from .base import RecordStore, StoreError, UnknownWorkflow, check_query
+from .records import Transition, WorkflowRecord, WorkflowSummary
 
 __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
 
+#: PRAGMA user_version of the schema below; an older file is brought up to it.
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS baton_workflows (
     id TEXT PRIMARY KEY,
@@ -28,7 +32,23 @@ CREATE TABLE IF NOT EXISTS baton_jobs (
     step TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS baton_jobs_workflow ON baton_jobs (workflow_id);
+CREATE TABLE IF NOT EXISTS baton_events (
+    workflow_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    PRIMARY KEY (workflow_id, seq)
+) WITHOUT ROWID;
 """
+#: Version 2: the index's columns (a workflow at a glance, kept with each transition).
+SUMMARY_COLUMNS = {
+    "label": "TEXT",
+    "created_at": "REAL",
+    "state": "TEXT",
+    "total": "INTEGER",
+    "settled": "INTEGER",
+    "failed_steps": "TEXT",
+    "seq": "INTEGER",
+}
 
 
 class SQLiteStore(RecordStore):
@@ -66,6 +86,8 @@ class SQLiteStore(RecordStore):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(SCHEMA)
+            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                _upgrade(conn)
         except (OSError, sqlite3.Error) as exc:
             if conn is not None:
                 conn.close()
@@ -94,16 +116,19 @@ class SQLiteStore(RecordStore):
         def insert(conn: sqlite3.Connection) -> None:
             if self.retention >= 0:
                 cutoff = time.time() - self.retention
-                conn.execute(
-                    "DELETE FROM baton_jobs WHERE workflow_id IN (SELECT id FROM"
-                    " baton_workflows WHERE finished_at < ?)",
-                    (cutoff,),
-                )
+                for table in ("baton_jobs", "baton_events"):
+                    conn.execute(
+                        f"DELETE FROM {table} WHERE workflow_id IN (SELECT id FROM"
+                        " baton_workflows WHERE finished_at < ?)",
+                        (cutoff,),
+                    )
                 conn.execute("DELETE FROM baton_workflows WHERE finished_at < ?", (cutoff,))
             try:
                 conn.execute(
-                    "INSERT INTO baton_workflows (id, record) VALUES (?, ?)",
-                    (record.id, record.to_json()),
+                    "INSERT INTO baton_workflows (id, record, finished_at, label, created_at,"
+                    " state, total, settled, failed_steps, seq)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (record.id, record.to_json(), *_summary_row(record)),
                 )
             except sqlite3.IntegrityError:
                 raise ValueError(f"workflow {record.id!r} already exists") from None
@@ -126,6 +151,60 @@ class SQLiteStore(RecordStore):
         if row is None:
             raise UnknownWorkflow(workflow_id)
         return WorkflowRecord.from_json(row[0])
+
+    def history(self, workflow_id: str, after: int = 0) -> list[Event]:
+        try:
+            conn = self._connect()
+            rows = conn.execute(
+                "SELECT event FROM baton_events WHERE workflow_id = ? AND seq > ? ORDER BY seq",
+                (workflow_id, after),
+            ).fetchall()
+            if (
+                not rows
+                and not conn.execute(
+                    "SELECT 1 FROM baton_workflows WHERE id = ?", (workflow_id,)
+                ).fetchone()
+            ):
+                raise UnknownWorkflow(workflow_id)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        return [event_from_dict(json.loads(row[0])) for row in rows]
+
+    def workflows(
+        self,
+        *,
+        limit: int = 100,
+        before: float | None = None,
+        label: str | None = None,
+        state: str | None = None,
+        active_since: float | None = None,
+    ) -> list[WorkflowSummary]:
+        check_query(limit, state)
+        where, args = ["1"], []
+        for clause, value in (
+            ("created_at < ?", before),
+            ("label = ?", label),
+            ("state = ?", state),
+            ("(finished_at IS NULL OR finished_at >= ?)", active_since),
+        ):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        try:
+            rows = (
+                self._connect()
+                .execute(
+                    "SELECT id, label, state, created_at, finished_at, total, settled,"
+                    " failed_steps, seq FROM baton_workflows WHERE "
+                    + " AND ".join(where)
+                    + " ORDER BY created_at DESC LIMIT ?",
+                    (*args, limit),
+                )
+                .fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        return [_summary(row) for row in rows]
 
     def locate(self, job_id: str) -> tuple[str, str] | None:
         try:
@@ -150,20 +229,30 @@ class SQLiteStore(RecordStore):
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         return [row[0] for row in rows]
 
-    def _transform(self, workflow_id: str, change: Callable[[WorkflowRecord], T]) -> T:
-        def apply(conn: sqlite3.Connection) -> T:
+    def _transform(
+        self, workflow_id: str, change: Callable[[WorkflowRecord], Transition]
+    ) -> Transition:
+        def apply(conn: sqlite3.Connection) -> Transition:
             row = conn.execute(
                 "SELECT record FROM baton_workflows WHERE id = ?", (workflow_id,)
             ).fetchone()
             if row is None:
                 raise UnknownWorkflow(workflow_id)
             record = WorkflowRecord.from_json(row[0])
-            outcome = change(record)
+            out = change(record)
+            if not out.applied:
+                return out
             conn.execute(
-                "UPDATE baton_workflows SET record = ?, finished_at = ? WHERE id = ?",
-                (record.to_json(), record.finished_at, workflow_id),
+                "UPDATE baton_workflows SET record = ?, finished_at = ?, label = ?,"
+                " created_at = ?, state = ?, total = ?, settled = ?, failed_steps = ?, seq = ?"
+                " WHERE id = ?",
+                (record.to_json(), *_summary_row(record), workflow_id),
             )
-            return outcome
+            conn.executemany(
+                "INSERT INTO baton_events (workflow_id, seq, event) VALUES (?, ?, ?)",
+                [(workflow_id, e.seq, _encode(e)) for e in out.events],
+            )
+            return out
 
         return self._write(apply)
 
@@ -184,3 +273,60 @@ class SQLiteStore(RecordStore):
                 raise StoreError(f"sqlite store {self.path}: {exc}") from exc
             raise
         return outcome
+
+
+def _encode(event: Event) -> str:
+    return json.dumps(event.to_dict(), separators=(",", ":"), ensure_ascii=False)
+
+
+def _summary_row(record: WorkflowRecord) -> tuple[Any, ...]:
+    """finished_at and the index's columns, in SUMMARY_COLUMNS' order."""
+    summary = record.summary()
+    return (
+        summary.finished_at,
+        summary.label,
+        summary.created_at,
+        summary.state,
+        summary.total,
+        summary.settled,
+        json.dumps(list(summary.failed_steps)),
+        summary.seq,
+    )
+
+
+def _summary(row: tuple[Any, ...]) -> WorkflowSummary:
+    """A row of the index's columns (in WorkflowSummary's order) as a WorkflowSummary."""
+    workflow_id, label, state, created_at, finished_at, total, settled, failed, seq = row
+    return WorkflowSummary(
+        workflow_id, label, state, created_at, finished_at, total, settled,
+        tuple(json.loads(failed)), seq,
+    )  # fmt: skip
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a file made by an older version up to :data:`SCHEMA_VERSION`: add the
+    index's columns and fill them from each record (their histories start empty)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            conn.execute("ROLLBACK")
+            return  # another process did it meanwhile
+        present = {row[1] for row in conn.execute("PRAGMA table_info(baton_workflows)")}
+        for name, kind in SUMMARY_COLUMNS.items():
+            if name not in present:
+                conn.execute(f"ALTER TABLE baton_workflows ADD COLUMN {name} {kind}")
+        for workflow_id, text in conn.execute("SELECT id, record FROM baton_workflows").fetchall():
+            row = _summary_row(WorkflowRecord.from_json(text))
+            conn.execute(
+                "UPDATE baton_workflows SET finished_at = ?, label = ?, created_at = ?,"
+                " state = ?, total = ?, settled = ?, failed_steps = ?, seq = ? WHERE id = ?",
+                (*row, workflow_id),
+            )
+        conn.execute(
+            "CREATE INDEX IF NOT EXISTS baton_workflows_created ON baton_workflows (created_at)"
+        )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
