@@ -30,7 +30,7 @@ from celery.canvas import Signature, _chain, chord, group
 
 from . import pubsub
 from .announce import announce, publish_or_discard
-from .events import COMPLETED, EXECUTING, RETRYABLE, WorkflowFinished
+from .events import COMPLETED, EXECUTING, RETRYABLE, Event, WorkflowFinished
 from .listener import listening
 from .runtime import Runtime, runtime_for
 from .stores.records import StepRecord, WorkflowRecord
@@ -278,6 +278,12 @@ class WorkflowHandle:
             outcome=record.outcome,
             failed_steps=tuple(record.failed_steps()) if record.finished else (),
         )
+
+    def events(self, after: int = 0) -> list[Event]:
+        """The workflow's history: every event it made so far (numbered above ``after``),
+        in the order they happened, as its receivers got them, from any process. Raises
+        ``UnknownWorkflow`` (a KeyError) for an unknown or expired id."""
+        return _runtime(self.app).store.history(self.id, after)
 
     def results(self) -> dict[str, Any]:
         """Each completed step's stored result by name (None for one that returned

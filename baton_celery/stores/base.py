@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 from ..events import COMPLETED, Event
@@ -97,6 +97,16 @@ class Store(abc.ABC):
         ``created_at``), with that ``label`` and ``state`` ("running", "completed",
         "failed") when given, and with ``active_since`` (a Unix time) only those still
         running or finished at or after it. Use :func:`check_query` for the arguments."""
+
+    @abc.abstractmethod
+    def annotate(self, workflow_id: str, values: Mapping[str, str]) -> None:
+        """Keep small strings with a workflow (e.g. trace contexts: see
+        :mod:`baton_celery.otel`), by key, until the workflow expires. One operation, not
+        part of any transition: the hot path never calls it."""
+
+    @abc.abstractmethod
+    def annotations(self, workflow_id: str, keys: Iterable[str]) -> dict[str, str]:
+        """The values :meth:`annotate` kept under ``keys`` (missing keys are left out)."""
 
     def settle_stuck(self, workflow_id: str, step: str, seq: int, error: str) -> Transition:
         """Discard ``step`` unless it changed since it was seen with event number ``seq``

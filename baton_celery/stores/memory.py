@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Iterable, Mapping
 from typing import Callable
 
 from ..events import Event
@@ -28,6 +29,7 @@ class MemoryStore(RecordStore):
         self._workflows: dict[str, WorkflowRecord] = {}
         self._events: dict[str, list[Event]] = {}
         self._jobs: dict[str, tuple[str, str]] = {}
+        self._notes: dict[str, dict[str, str]] = {}
 
     def create(self, record: WorkflowRecord) -> None:
         with self._lock:
@@ -70,6 +72,17 @@ class MemoryStore(RecordStore):
                     if len(found) == limit:
                         break
             return found
+
+    def annotate(self, workflow_id: str, values: Mapping[str, str]) -> None:
+        with self._lock:
+            self._get(workflow_id)
+            self._notes.setdefault(workflow_id, {}).update(values)
+
+    def annotations(self, workflow_id: str, keys: Iterable[str]) -> dict[str, str]:
+        with self._lock:
+            self._get(workflow_id)
+            notes = self._notes.get(workflow_id, {})
+            return {k: notes[k] for k in keys if k in notes}
 
     def live_workflows(self, before: float | None = None) -> list[str]:
         with self._lock:

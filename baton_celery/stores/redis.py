@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..events import Event
@@ -292,6 +292,12 @@ class RedisStore(Store):
         active_since: float | None = None,
     ) -> list[WorkflowSummary]:
         raise NotImplementedError("the Redis store's index comes with its next scripts")
+
+    def annotate(self, workflow_id: str, values: Mapping[str, str]) -> None:
+        raise NotImplementedError("the Redis store's annotations come with its next scripts")
+
+    def annotations(self, workflow_id: str, keys: Iterable[str]) -> dict[str, str]:
+        raise NotImplementedError("the Redis store's annotations come with its next scripts")
 
     def live_workflows(self, before: float | None = None) -> list[str]:
         import redis

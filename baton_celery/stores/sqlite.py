@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, TypeVar
 
 from ..events import Event, event_from_dict
@@ -37,6 +38,12 @@ CREATE TABLE IF NOT EXISTS baton_events (
     seq INTEGER NOT NULL,
     event TEXT NOT NULL,
     PRIMARY KEY (workflow_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS baton_annotations (
+    workflow_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (workflow_id, key)
 ) WITHOUT ROWID;
 """
 #: Version 2: the index's columns (a workflow at a glance, kept with each transition).
@@ -116,7 +123,7 @@ class SQLiteStore(RecordStore):
         def insert(conn: sqlite3.Connection) -> None:
             if self.retention >= 0:
                 cutoff = time.time() - self.retention
-                for table in ("baton_jobs", "baton_events"):
+                for table in ("baton_jobs", "baton_events", "baton_annotations"):
                     conn.execute(
                         f"DELETE FROM {table} WHERE workflow_id IN (SELECT id FROM"
                         " baton_workflows WHERE finished_at < ?)",
@@ -159,13 +166,8 @@ class SQLiteStore(RecordStore):
                 "SELECT event FROM baton_events WHERE workflow_id = ? AND seq > ? ORDER BY seq",
                 (workflow_id, after),
             ).fetchall()
-            if (
-                not rows
-                and not conn.execute(
-                    "SELECT 1 FROM baton_workflows WHERE id = ?", (workflow_id,)
-                ).fetchone()
-            ):
-                raise UnknownWorkflow(workflow_id)
+            if not rows:
+                _must_exist(conn, workflow_id)
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         return [event_from_dict(json.loads(row[0])) for row in rows]
@@ -205,6 +207,35 @@ class SQLiteStore(RecordStore):
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         return [_summary(row) for row in rows]
+
+    def annotate(self, workflow_id: str, values: Mapping[str, str]) -> None:
+        def put(conn: sqlite3.Connection) -> None:
+            _must_exist(conn, workflow_id)
+            conn.executemany(
+                "INSERT OR REPLACE INTO baton_annotations (workflow_id, key, value)"
+                " VALUES (?, ?, ?)",
+                [(workflow_id, k, v) for k, v in values.items()],
+            )
+
+        self._write(put)
+
+    def annotations(self, workflow_id: str, keys: Iterable[str]) -> dict[str, str]:
+        wanted = list(dict.fromkeys(keys))
+        try:
+            conn = self._connect()
+            _must_exist(conn, workflow_id)
+            found: dict[str, str] = {}
+            for i in range(0, len(wanted), 500):  # SQLite's bound on host parameters
+                chunk = wanted[i : i + 500]
+                rows = conn.execute(
+                    "SELECT key, value FROM baton_annotations WHERE workflow_id = ? AND key IN"
+                    f" ({', '.join('?' * len(chunk))})",
+                    (workflow_id, *chunk),
+                ).fetchall()
+                found.update(rows)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        return found
 
     def locate(self, job_id: str) -> tuple[str, str] | None:
         try:
@@ -273,6 +304,11 @@ class SQLiteStore(RecordStore):
                 raise StoreError(f"sqlite store {self.path}: {exc}") from exc
             raise
         return outcome
+
+
+def _must_exist(conn: sqlite3.Connection, workflow_id: str) -> None:
+    if not conn.execute("SELECT 1 FROM baton_workflows WHERE id = ?", (workflow_id,)).fetchone():
+        raise UnknownWorkflow(workflow_id)
 
 
 def _encode(event: Event) -> str:
