@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from .canvas import INPUT, RESULT, Tail, flatten
@@ -33,7 +34,8 @@ def publish_step(app: Any, workflow_id: str, label: str | None, step: StepRecord
     if incoming is not None:
         signature = signature.clone(args=(_input(app, workflow_id, incoming),))
     headers = dict(signature.options.get("headers") or {})
-    headers[HEADER] = StepIdentity(workflow_id, label, step.name, step.dispatch).header()
+    ident = StepIdentity(workflow_id, label, step.name, step.dispatch, time.time())
+    headers[HEADER] = ident.header()
     signature.apply_async(task_id=step.job_id, headers=headers)
 
 

@@ -21,14 +21,20 @@ class StepIdentity(NamedTuple):
     workflow_label: str | None
     step: str
     dispatch: int  # which publication of the step this message is
+    # When baton published this message (Unix time): for queue-wait metrics. Celery's
+    # retries keep the header, so it is the time of the step's publication, not a retry's.
+    published_at: float | None = None
 
     def header(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "workflow_id": self.workflow_id,
             "workflow_label": self.workflow_label,
             "step": self.step,
             "dispatch": self.dispatch,
         }
+        if self.published_at is not None:
+            data["published_at"] = self.published_at
+        return data
 
 
 def identity_of(request: Any) -> StepIdentity | None:
@@ -45,8 +51,15 @@ def identity_of(request: Any) -> StepIdentity | None:
         if raw is None:
             return None
     try:
+        published = raw.get("published_at")
+        if isinstance(published, bool) or not isinstance(published, (int, float)):
+            published = None  # optional: a bad value is only left out
         ident = StepIdentity(
-            raw["workflow_id"], raw.get("workflow_label"), raw["step"], raw.get("dispatch", 0)
+            raw["workflow_id"],
+            raw.get("workflow_label"),
+            raw["step"],
+            raw.get("dispatch", 0),
+            published,
         )
         valid = (
             isinstance(ident.workflow_id, str)
