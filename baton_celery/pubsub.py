@@ -25,11 +25,13 @@ __all__ = [
     "ALL_TOPIC",
     "broadcast",
     "send_finished_telemetry",
+    "send_workflow_created",
     "subscribe",
     "subscribe_all",
     "topic",
     "unsubscribe",
     "unsubscribe_all",
+    "workflow_created",
     "workflow_finished_telemetry",
 ]
 
@@ -47,6 +49,12 @@ _all = _topics.signal(ALL_TOPIC)
 #: ``sender=workflow_id`` and keyword arguments ``outcome``, ``failed_count``,
 #: ``total_count`` and ``duration`` (seconds from the workflow's start, or None).
 workflow_finished_telemetry: NamedSignal = Namespace().signal("baton.workflow.finished")
+
+#: Sent in the process that starts a workflow, once it is stored and before its root
+#: steps are published, with ``sender=workflow_id`` and keyword arguments ``app`` and
+#: ``label``: where instrumentation captures the caller's context (see
+#: :mod:`baton_celery.otel`). A receiver that raises is logged; the workflow still starts.
+workflow_created: NamedSignal = Namespace().signal("baton.workflow.created")
 
 
 def topic(workflow_id: str) -> str:
@@ -100,6 +108,12 @@ def broadcast(event: Event) -> None:
         _send(specific, event.workflow_id, event=event)
     if _all.receivers:
         _send(_all, event.workflow_id, event=event)
+
+
+def send_workflow_created(app: Any, workflow_id: str, label: str | None) -> None:
+    """Send :data:`workflow_created` (nothing to do when no receiver is connected)."""
+    if workflow_created.receivers:
+        _send(workflow_created, workflow_id, app=app, label=label)
 
 
 def send_finished_telemetry(

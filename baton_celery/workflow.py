@@ -150,6 +150,7 @@ class Workflow:
         except (TypeError, ValueError) as exc:
             raise WorkflowError(f"workflow arguments must be JSON-serializable: {exc}") from exc
         runtime.store.create(record)
+        pubsub.send_workflow_created(app, record.id, record.label)
         for step in record.steps.values():
             if step.dispatch:
                 publish_or_discard(runtime, record.id, record.label, step)
