@@ -42,6 +42,9 @@ class Config:
     bridge_flush_timeout: float = 2.0  # baton_bridge_flush_timeout: at process exit
     bridge_reorder_window: float = 2.0  # baton_bridge_reorder_window: a listener holds a gap
     bridge_max_message: int = 65536  # baton_bridge_max_message: bytes; larger are dropped
+    # Instrumentation, off unless asked for (baton_celery.otel / baton_celery.metrics):
+    otel: bool = False  # baton_otel: OpenTelemetry spans of workflows and step attempts
+    metrics: bool = False  # baton_metrics: Prometheus metrics of steps and workflows
 
     @classmethod
     def from_app(cls, app: Any) -> Config:
@@ -66,6 +69,8 @@ class Config:
             bridge_flush_timeout=float(get("bridge_flush_timeout", cls.bridge_flush_timeout)),
             bridge_reorder_window=float(get("bridge_reorder_window", cls.bridge_reorder_window)),
             bridge_max_message=int(get("bridge_max_message", cls.bridge_max_message)),
+            otel=_flag(get("otel", cls.otel)),
+            metrics=_flag(get("metrics", cls.metrics)),
         )
         if config.max_error_length < 20:
             raise ValueError("baton_max_error_length must be at least 20")

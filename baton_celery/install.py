@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import signals
 
-from . import bridge
+from . import _observe, bridge
 from .config import Config
 from .guard import guarded
 from .hooks import RECEIVERS
@@ -67,6 +67,7 @@ def install(app: Any) -> Runtime:
         wrap_task_class(cls)
     register(app, runtime)
     _connect_receivers()
+    _observe.switch_on_configured(app)  # baton_otel / baton_metrics: nothing when off
     return runtime
 
 
@@ -74,6 +75,9 @@ def uninstall(app: Any) -> None:
     """Undo :func:`install` for this app: its task classes get their own methods back,
     its bridge publisher and store are closed, and the receivers are disconnected once no
     app has baton installed."""
+    if runtime_for(app) is not None:
+        with guarded("turning off instrumentation"):
+            _observe.switch_off(app)
     runtime = unregister(app)
     if runtime is None:
         return
