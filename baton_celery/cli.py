@@ -8,6 +8,7 @@ Installed as a Celery subcommand through the ``celery.commands`` entry point::
     celery -A proj baton watch --lines         # one line per event (the default in a pipe)
     celery -A proj baton status ID             # its steps and outcome, from the store
     celery -A proj baton backstop --every 60   # settle stuck steps, every minute
+    celery -A proj baton metrics --port 9808   # Prometheus metrics (baton_celery.metrics)
 
 ``watch`` listens on the broker bridge (the workers need ``baton_bridge = True``). With
 ``--workflow`` it exits 0 when the workflow completed and 1 when it failed.
@@ -27,6 +28,7 @@ from .backstop import sweep
 from .events import Event, StepUpdated, WorkflowFinished
 from .install import install
 from .listener import listen
+from .metrics_command import metrics
 from .pubsub import subscribe, subscribe_all, unsubscribe, unsubscribe_all
 from .stores import UnknownWorkflow
 from .workflow import WorkflowHandle, WorkflowStatus
@@ -55,6 +57,9 @@ def _app(ctx: click.Context) -> Any:
 @click.group(name="baton")
 def baton() -> None:
     """baton_celery workflows: live events and status."""
+
+
+baton.add_command(metrics)  # celery baton metrics: its own module
 
 
 def _short(text: str | None, width: int) -> str:
