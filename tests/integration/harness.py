@@ -154,6 +154,11 @@ class Cluster:
             "BATON_IT_SINK": SINK_URL,
             "BATON_IT_PREFIX": self.session.prefix,
             "BATON_IT_CLUSTER": self.name,
+            **(
+                {"PROMETHEUS_MULTIPROC_DIR": self.settings.metrics_dir}
+                if self.settings.metrics_dir
+                else {}
+            ),
         }
 
     def steps(self) -> Steps:

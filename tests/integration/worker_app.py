@@ -46,6 +46,8 @@ class Settings:
     acks_late: bool = False  # with task_reject_on_worker_lost
     prefetch: int = 4
     store_timeout: float = 5.0
+    otel_spans: str | None = None  # baton_otel on, every process's spans to this file
+    metrics_dir: str | None = None  # baton_metrics on, PROMETHEUS_MULTIPROC_DIR for workers
 
     @property
     def control(self) -> str:
@@ -89,6 +91,15 @@ def create_app(settings: Settings) -> Celery:
 
     if settings.bridge_exchange is not None:
         app.conf.update(baton_bridge=True, baton_bridge_exchange=settings.bridge_exchange)
+    if settings.otel_spans is not None:
+        app.conf.update(baton_otel=True)
+    if settings.metrics_dir is not None:
+        app.conf.update(baton_metrics=True)
+    if settings.otel_spans is not None or settings.metrics_dir is not None:
+        # Load the configuration now, so that install() connects the instrumentation
+        # at once: before the sink's forwarder (worker_init), so that once the sink has
+        # an event, its span or count is written.
+        assert app.conf.broker_url
 
     @app.task(name=STEP, shared=False, bind=True, max_retries=2, default_retry_delay=0.1)
     def step(
@@ -213,5 +224,10 @@ def observe(**_: Any) -> None:
 if "BATON_IT_BROKER" in os.environ:
     # Connected before create_app() installs baton: Celery calls receivers in order.
     signals.task_retry.connect(hold_retry_hook, weak=False)
-    app = create_app(Settings.from_env())
+    _settings = Settings.from_env()
+    if _settings.otel_spans is not None:
+        from span_lines import trace_to
+
+        trace_to(_settings.otel_spans)  # before the pool forks: no thread to lose
+    app = create_app(_settings)
     signals.worker_init.connect(observe, weak=False)
