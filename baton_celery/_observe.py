@@ -25,6 +25,7 @@ from .stores import UnknownWorkflow
 
 __all__ = [
     "LISTENER_THREAD",
+    "SHAPES",
     "Bounded",
     "Observer",
     "Shape",
@@ -126,6 +127,10 @@ class Shapes:
 
     def clear(self) -> None:
         self._cache.clear()
+
+
+#: The shapes every kind of instrumentation reads (one load per workflow and process).
+SHAPES = Shapes()
 
 
 class Observer:

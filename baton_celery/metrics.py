@@ -72,7 +72,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from ._observe import Bounded, Observer, Shapes
+from ._observe import SHAPES, Bounded, Observer
 from .events import (
     CANCELLED,
     COMPLETED,
@@ -176,7 +176,7 @@ class Recording(Observer):
         super().__init__()
         self._instruments: Instruments | None = None
         self._made = threading.Lock()
-        self.shapes = Shapes()
+        self.shapes = SHAPES
         # (workflow id, step, attempt) -> when that attempt started executing
         self.starts: Bounded[tuple[str, str, int], float] = Bounded(10000)
 

@@ -91,7 +91,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ._observe import Bounded, Observer, Shape, Shapes
+from ._observe import SHAPES, Bounded, Observer, Shape
 from .events import (
     CANCELLED,
     COMPLETED,
@@ -213,7 +213,7 @@ class Tracing(Observer):
 
     def __init__(self) -> None:
         super().__init__()
-        self.shapes = Shapes()
+        self.shapes = SHAPES
         self.parents: Bounded[str, otel_context.Context] = Bounded(1024)
         # (workflow id, step, attempt) -> when that attempt started executing (ns)
         self.starts: Bounded[tuple[str, str, int], int] = Bounded(10000)

@@ -10,8 +10,13 @@ in turn each round:
 - ``absent``: opentelemetry and prometheus_client cannot be imported in the worker (as
   if the extras were not installed); baton on;
 - ``off``: both importable, ``baton_otel`` / ``baton_metrics`` off;
-- ``on``: both on, an SDK tracer provider with a SimpleSpanProcessor and an exporter
-  that drops the spans, prometheus-client in multiprocess mode.
+- ``otel``: ``baton_otel`` on, an SDK tracer provider with a SimpleSpanProcessor and an
+  exporter that drops the spans;
+- ``metrics``: ``baton_metrics`` on, prometheus-client in multiprocess mode;
+- ``on``: both.
+
+Each round runs the modes in a different order (rotated), so that a drift of the
+machine's load does not favour one.
 
 It prints each mode's median steps per second and its cost against ``absent``, and the
 time the client took to start the workflows (``on``: the trace parent is annotated).
@@ -39,7 +44,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-MODES = ("absent", "off", "on")
+MODES = ("absent", "off", "otel", "metrics", "on")
 
 if os.environ.get("BENCH_OBSERVE") == "absent":
     # As if the extras were not installed: importing them fails.
@@ -52,13 +57,13 @@ from celery import Celery, signals  # noqa: E402
 import baton_celery  # noqa: E402
 
 
-def create_app(broker: str, store: str, queue: str, on: bool) -> Celery:
+def create_app(broker: str, store: str, queue: str, mode: str) -> Celery:
     app = Celery(f"bench-observe-{queue}", set_as_current=False)
     app.conf.update(
         broker_url=broker,
         baton_store=store,
-        baton_otel=on,
-        baton_metrics=on,
+        baton_otel=mode in ("otel", "on"),
+        baton_metrics=mode in ("metrics", "on"),
         task_ignore_result=True,
         task_default_queue=queue,
         worker_prefetch_multiplier=4,
@@ -92,11 +97,11 @@ def _drop_spans() -> None:
 
 
 if "BENCH_BROKER" in os.environ:
-    _on = os.environ["BENCH_OBSERVE"] == "on"
-    if _on:
+    _mode = os.environ["BENCH_OBSERVE"]
+    if _mode in ("otel", "on"):
         _drop_spans()
     app = create_app(
-        os.environ["BENCH_BROKER"], os.environ["BENCH_STORE"], os.environ["BENCH_QUEUE"], _on
+        os.environ["BENCH_BROKER"], os.environ["BENCH_STORE"], os.environ["BENCH_QUEUE"], _mode
     )
     _signals = redis.Redis.from_url(os.environ["BENCH_SIGNALS"])
 
@@ -129,10 +134,9 @@ def run(port: int, mode: str, workflows: int, width: int) -> tuple[float, float]
 
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     broker, store, signals_url = (f"redis://127.0.0.1:{port}/{n}" for n in (0, 1, 2))
-    on = mode == "on"
-    if on and not _tracing_set():
+    if mode in ("otel", "on") and not _tracing_set():
         _drop_spans()
-    client = create_app(broker, store, queue, on=on)
+    client = create_app(broker, store, queue, mode if mode != "absent" else "off")
     noop = client.signature("bench.noop")
     started = time.perf_counter()
     for w in range(workflows):
@@ -188,8 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     rates: dict[str, list[float]] = {m: [] for m in MODES}
     starts: dict[str, list[float]] = {m: [] for m in MODES}
     with own_redis() as port:
-        for _ in range(args.rounds):
-            for mode in MODES:
+        for round_ in range(args.rounds):
+            for mode in MODES[round_ % len(MODES) :] + MODES[: round_ % len(MODES)]:
                 rate, starting = run(port, mode, args.workflows, args.width)
                 rates[mode].append(rate)
                 starts[mode].append(starting)
