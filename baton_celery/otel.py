@@ -215,6 +215,9 @@ class Tracing(Observer):
         super().__init__()
         self.shapes = SHAPES
         self.parents: Bounded[str, otel_context.Context] = Bounded(1024)
+        # (workflow id, step) -> the carrier of a settled step's span recorded here: its
+        # dependents that run in this process need not read it back from the store.
+        self.recorded: Bounded[tuple[str, str], str] = Bounded(10000)
         # (workflow id, step, attempt) -> when that attempt started executing (ns)
         self.starts: Bounded[tuple[str, str, int], int] = Bounded(10000)
         self._tracer: tuple[Any, trace.Tracer] | None = None
@@ -222,6 +225,7 @@ class Tracing(Observer):
     def forget(self) -> None:
         self.shapes.clear()
         self.parents.clear()
+        self.recorded.clear()
         self.starts.clear()
 
     @property
@@ -272,11 +276,21 @@ class Tracing(Observer):
         return self.shapes.get(workflow_id, self.runtimes())
 
     def _notes(self, shape: Shape, workflow_id: str, deps: tuple[str, ...]) -> dict[str, str]:
-        """The trace parent (unless remembered) and the deps' span contexts: one read."""
-        keys = [STEP_KEY.format(d) for d in deps]
+        """The trace parent (unless remembered) and the deps' span contexts (unless
+        recorded here): one read, none when this process has them all."""
+        notes: dict[str, str] = {}
+        keys = []
+        for dep in deps:
+            carrier = self.recorded.get((workflow_id, dep))
+            if carrier is None:
+                keys.append(STEP_KEY.format(dep))
+            else:
+                notes[STEP_KEY.format(dep)] = carrier
         if self.parents.get(workflow_id) is None:
             keys.append(PARENT_KEY)
-        return shape.runtime.store.annotations(workflow_id, keys) if keys else {}
+        if keys:
+            notes.update(shape.runtime.store.annotations(workflow_id, keys))
+        return notes
 
     def _parent(self, workflow_id: str, notes: Mapping[str, str]) -> otel_context.Context:
         parent = self.parents.get(workflow_id)
@@ -322,6 +336,7 @@ class Tracing(Observer):
                 shape.runtime.store.annotate(
                     event.workflow_id, {STEP_KEY.format(event.step_name): carrier}
                 )
+                self.recorded.put((event.workflow_id, event.step_name), carrier)
 
     def _workflow(self, event: WorkflowFinished) -> None:
         """Record the workflow's span: this process won its finish."""
