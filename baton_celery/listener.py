@@ -244,10 +244,10 @@ class Listener:
         own = origin == self._token
         workflow_id = event.workflow_id
         if event.seq > 1 and not self.reorderer.knows(workflow_id):
-            # First seen mid-run: start where this listener's window starts (here, when
-            # the store cannot tell).
-            self._catch_up(workflow_id, self.since or self._started)
-            self.reorderer.open(workflow_id, event.seq)
+            # First seen mid-run: start where this listener's window starts (at this
+            # event when the store has none since then; clocks differ a little).
+            if self._catch_up(workflow_id, self.since or self._started):
+                self.reorderer.open(workflow_id, event.seq)
         # Our own events were delivered here when they happened: only count them.
         final = isinstance(event, WorkflowFinished)
         self.reorderer.push(workflow_id, event.seq, None if own else event, final)
@@ -286,30 +286,32 @@ class Listener:
             return
         self._replay_from = None
 
-    def _catch_up(self, workflow_id: str, since: float, *, strict: bool = False) -> None:
+    def _catch_up(self, workflow_id: str, since: float, *, strict: bool = False) -> bool:
         """Push a workflow's stored events this listener has not delivered: after the
         last one delivered when it is followed, else those made at or after ``since``.
-        Store errors are raised when ``strict`` (a replay retries), else logged."""
+        False when the store could not tell (an unknown workflow, or a store error:
+        raised when ``strict``, as a replay retries, else logged)."""
         if self.reorderer.knows(workflow_id) and self.reorderer.next_of(workflow_id) is None:
-            return  # finished and delivered
+            return True  # finished and delivered
         try:
             following = self.reorderer.next_of(workflow_id)
             events = self.runtime.store.history(workflow_id, (following or 1) - 1)
         except UnknownWorkflow:
-            return
+            return False
         except Exception as exc:
             if strict:
                 raise
             self._replay_failed(REPLAY_FAILED, f"{type(exc).__name__}: {exc}")
-            return
+            return False
         if following is None:
             events = [e for e in events if e.timestamp.timestamp() >= since]
             if not events:
-                return
+                return True
             self.reorderer.open(workflow_id, events[0].seq)
         for event in events:
             self.replayed += 1
             self.reorderer.push(workflow_id, event.seq, event)
+        return True
 
     def _fill(self, workflow_id: str, after: int) -> list[Event]:
         """The reorderer's gap filler: the stored events after ``after``."""
