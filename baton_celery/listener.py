@@ -243,11 +243,14 @@ class Listener:
         self._alive = time.time()
         own = origin == self._token
         workflow_id = event.workflow_id
-        if event.seq > 1 and not self.reorderer.knows(workflow_id):
-            # First seen mid-run: start where this listener's window starts (at this
-            # event when the store has none since then; clocks differ a little).
-            if self._catch_up(workflow_id, self.since or self._started):
-                self.reorderer.open(workflow_id, event.seq)
+        # First seen mid-run: start where this listener's window starts (at this event
+        # when the store has none since then; clocks differ a little).
+        if (
+            event.seq > 1
+            and not self.reorderer.knows(workflow_id)
+            and self._catch_up(workflow_id, self.since or self._started)
+        ):
+            self.reorderer.open(workflow_id, event.seq)
         # Our own events were delivered here when they happened: only count them.
         final = isinstance(event, WorkflowFinished)
         self.reorderer.push(workflow_id, event.seq, None if own else event, final)
