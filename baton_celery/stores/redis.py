@@ -113,14 +113,8 @@ class RedisStore(Store):
         self._owns_client = owns_client
         self.cluster = is_cluster(client)
         self._loaded: set[str] = set()  # the scripts this store's client has run once
-        #: Where the transitions publish their events ("": nowhere); see ``feed_channel``.
-        self.channel = ""
-
-    @property
-    def feed_channel(self) -> str:
-        """The channel this store's transitions publish on once :attr:`channel` is set
-        to it (the runtime does, when ``baton_bridge`` is on)."""
-        return f"{self.key_prefix}:events"
+        # The transitions publish their events on ``channel`` once it is set to this.
+        self.feed_channel = f"{key_prefix}:events"
 
     # --- construction ----------------------------------------------------------------
 
@@ -351,6 +345,12 @@ class RedisStore(Store):
                 break
         found.sort(key=lambda s: s.created_at, reverse=True)
         return found[:limit]
+
+    def summary(self, workflow_id: str) -> WorkflowSummary:
+        found = self._summaries([workflow_id])
+        if not found:
+            raise UnknownWorkflow(workflow_id)
+        return found[0]
 
     def _candidates(
         self, before: float | None, state: str | None, active_since: float | None

@@ -42,12 +42,13 @@ __all__ = [
 #: The small fields of a step's hash, in the order the scripts read them: its task name,
 #: job id, ignore_cancelled/ignore_discarded flags, state, publication number, attempt,
 #: has_result flag, error, origin, event number, when it last changed, its position in
-#: the workflow, how many dependencies it still waits for, and the repr() of its name.
+#: the workflow, how many dependencies it still waits for, the repr() of its name, and
+#: whether it has dependents.
 #: Bulky values live in per-workflow hashes by step name: ``sig``, ``deps``, ``kids``
 #: (dependents), ``res``; so a step's own hash stays small (Redis keeps it compact).
 STEP_FIELDS = (
     "task", "job", "ic", "id", "state", "disp", "att", "hasres", "err", "orig", "seq",
-    "upd", "idx", "rem", "rn",
+    "upd", "idx", "rem", "rn", "haskids",
 )  # fmt: skip
 #: The transitions run behind the prelude; the other scripts behind the field positions.
 TRANSITIONS = ("begin", "retrying", "settle", "cancel")
@@ -163,6 +164,7 @@ def encode_workflow(record: WorkflowRecord) -> tuple[str, list[str]]:
             "hasres", flag(step.has_result), "seq", str(step.seq),
             "upd", repr(step.updated_at),
             "rem", str(sum(1 for d in dict.fromkeys(step.deps) if waits_for(step, d))),
+            "haskids", flag(bool(kids[step.name])),
         ]  # fmt: skip
         if step.error is not None:
             fields += ["err", step.error]

@@ -40,7 +40,9 @@ local function get(n)
   cache[n] = v
   return v
 end
-local function set(v, i, value) v[i] = value; v.dirty[i] = true end
+local function set(v, i, value)
+  if v[i] ~= value then v[i] = value; v.dirty[i] = true end
+end
 
 local events = {}  -- encoded, in order: the history's entries, the reply's, the channel's
 local released, revoke = {}, {}
@@ -99,8 +101,8 @@ local function propagate(first)
   local stack = {first}
   while #stack > 0 do
     local dep = table.remove(stack)
-    local kids = redis.call('HGET', P .. 'kids', dep.name)
-    kids = kids and cjson.decode(kids) or {}
+    local kids = {}
+    if dep[HASKIDS] == '1' then kids = cjson.decode(redis.call('HGET', P .. 'kids', dep.name)) end
     for i = 1, #kids do
       local c = get(kids[i])
       if c[STATE] == 'pending' and tonumber(c[DISP]) == 0 then
