@@ -162,19 +162,20 @@ def run(port: int, mode: str, workflows: int, width: int) -> tuple[float, float]
         cmd = [sys.executable, "-m", "celery", "-A", "bench_observe", "worker", "-P",
                "prefork", "-c", "2", "-Q", queue, "-l", "WARNING", "--without-mingle",
                "--without-gossip", "--without-heartbeat", "-n", f"{queue}@%h"]  # fmt: skip
+        log = open(os.environ.get("BENCH_WORKER_LOG", os.devnull), "ab")  # noqa: SIM115
         worker = subprocess.Popen(
-            cmd, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            cmd, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         )  # fmt: skip
         try:
             assert db.blpop(["bench:ready"], timeout=60) is not None, "worker did not start"
             ready = time.perf_counter()
             for _ in range(workflows):
-                assert db.blpop(["bench:done"], timeout=120) is not None, "a workflow hung"
+                assert db.blpop(["bench:done"], timeout=60) is not None, "a workflow hung"
             elapsed = time.perf_counter() - ready
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(timeout=60)
+            log.close()
             db.close()
             baton_celery.uninstall(client)
             client.close()
