@@ -29,6 +29,7 @@ def make_app(**conf: Any) -> Celery:
         "broker_url": "memory://",
         "result_backend": "cache+memory://",
         "task_ignore_result": True,
+        "broker_connection_retry_on_startup": True,
         "baton_store": "memory://",
     }
     app.conf.update({**settings, **conf})
