@@ -226,11 +226,15 @@ class Dashboard:
         older = None
         if data["next_before"] is not None:
             older = url_for(".index", **query.params(before=data["next_before"]))
-        stream = url_for(
-            ".index_events",
+        # A full page shows workflows down to its oldest one: older ones are not its own.
+        oldest = data["next_before"]
+        stream_args: dict[str, Any] = {
             **query.params(state=None),
-            since=repr(data["now"] - SINCE_MARGIN),
-        )
+            "since": data["now"] - SINCE_MARGIN,
+        }
+        if oldest is not None:
+            stream_args["oldest"] = oldest
+        stream = url_for(".index_events", **stream_args)
         return render_template(
             "baton_index.html",
             query=query,
@@ -241,6 +245,7 @@ class Dashboard:
                 "stream": stream,
                 "workflow_url": url_for(".workflow", workflow_id="WORKFLOW_ID"),
                 "first_page": query.before is None,
+                "oldest": oldest,
                 "state": query.state,
                 "label": query.label,
             },
@@ -285,12 +290,14 @@ class Dashboard:
     def index_events(self) -> Response:
         query = self._query()
         since = _position("since", float, time.time() - SINCE_MARGIN)
+        oldest = number(request.args, "oldest", float, None)
         self._room_for_a_stream()
         page = self.hub.subscribe(None)  # first: nothing after the replay is missed
         try:
-            first = self.store.workflows(
+            found = self.store.workflows(
                 limit=MAX_PAGE, before=query.before, label=query.label, active_since=since
             )
+            first = [s for s in found if oldest is None or s.created_at >= oldest]
         except BaseException:
             page.close()
             raise

@@ -94,11 +94,12 @@ def make_server(
     celery_app: Any,
     config: DashboardConfig | None = None,
     *,
+    listen: bool = True,
     wrap: Callable[[Any], Any] | None = None,
 ) -> Server:
-    """A bound (not yet serving) dashboard server for ``celery_app``; ``wrap`` may wrap
-    its WSGI app (middleware)."""
+    """A bound (not yet serving) dashboard server for ``celery_app``; ``listen`` and
+    ``wrap`` (a middleware around its WSGI app) as for :func:`create_app`."""
     config = config or DashboardConfig.from_app(celery_app)
-    app = create_app(celery_app, config)
+    app = create_app(celery_app, config, listen=listen)
     dashboard: Dashboard = app.extensions["baton_dashboard"]
     return Server(wrap(app) if wrap else app, dashboard, config)

@@ -75,13 +75,15 @@
     tbody.insertBefore(row.tr, next);
   }
 
-  function show(summary, isNew) {
+  function show(summary) {
     var row = rows[summary.id];
     if (row) {
       if (summary.seq > row.summary.seq) fillRow(row, summary);
       return;
     }
-    if (isNew && !(live.first_page && (!live.state || live.state === summary.state))) return;
+    // A workflow the page does not show yet: a new one, on the first page only.
+    if (!live.first_page || (live.state && live.state !== summary.state)) return;
+    if (live.oldest !== null && summary.created_at < live.oldest) return; // a later page's
     row = rows[summary.id] = makeRow(summary);
     fillRow(row, summary);
     place(row);
@@ -104,9 +106,7 @@
       return live.stream;
     },
     {
-      workflow: function (summary) {
-        show(summary, true);
-      },
+      workflow: show,
     }
   );
 })();

@@ -91,8 +91,17 @@
     bar.className = "s-" + wf.state;
     field("started").textContent = baton.time(wf.created_at);
     field("duration").textContent = baton.duration(end() - wf.created_at) + (wf.finished_at ? "" : " so far");
-    field("failed").textContent = (wf.failed_steps || []).join(", ");
-    field("failed").parentNode.hidden = !(wf.failed_steps || []).length;
+    var failed = wf.failed_steps || [];
+    var list = field("failed");
+    if (list.getAttribute("data-shown") !== failed.join("\n")) {
+      list.setAttribute("data-shown", failed.join("\n"));
+      list.textContent = "";
+      failed.forEach(function (name, k) {
+        if (k) list.appendChild(document.createTextNode(", "));
+        list.appendChild(baton.el("a", { href: "#", "data-goto": name }, name));
+      });
+    }
+    list.parentNode.hidden = !failed.length;
     document.getElementById("cancel").hidden = !(live.cancel && wf.state === "running");
   }
 
@@ -139,7 +148,6 @@
       var sub = node.querySelector(".sub");
       if (sub) sub.textContent = step.state + (step.attempt > 1 ? " · attempt " + step.attempt : "");
     }
-    drawBars(step);
   }
 
   // The timeline: a bar per attempt, placed on the workflow's time span so far.
@@ -169,6 +177,22 @@
     var axis = document.getElementById("tl-axis");
     var span = end() - wf.created_at;
     for (var k = 0; k <= 4; k++) axis.children[k].textContent = baton.duration((span * k) / 4);
+  }
+
+  // The summary and the timeline depend on every step and on the time span: they are
+  // redrawn at most once a frame, however many events arrive.
+  var frame = null;
+  function drawLater() {
+    if (frame === null) frame = requestAnimationFrame(drawAll);
+  }
+
+  function drawAll() {
+    frame = null;
+    names.forEach(function (n) {
+      drawBars(steps[n]);
+    });
+    drawAxis();
+    drawSummary();
   }
 
   function historyItem(ev) {
@@ -220,6 +244,7 @@
     table.appendChild(ui[step.name].tr);
     rowsOfTimeline.appendChild(ui[step.name].tl);
     drawStep(step);
+    drawBars(step);
   });
   document.getElementById("steps").appendChild(table);
   timeline.appendChild(axis);
@@ -240,16 +265,25 @@
     e.target.textContent = fitted ? "Actual size" : "Fit to width";
   });
 
-  // Clicking a node shows its row.
-  document.getElementById("graph").addEventListener("click", function (e) {
-    var g = e.target.closest && e.target.closest("[data-node]");
-    if (!g) return;
-    var tr = ui[g.getAttribute("data-node")].tr;
+  // Clicking a node, or a failed step's name, shows its row.
+  function showRow(name) {
+    var tr = ui[name] && ui[name].tr;
+    if (!tr) return;
     tr.scrollIntoView({ block: "center" });
     tr.classList.add("flash");
     setTimeout(function () {
       tr.classList.remove("flash");
     }, 1200);
+  }
+  document.getElementById("graph").addEventListener("click", function (e) {
+    var g = e.target.closest && e.target.closest("[data-node]");
+    if (g) showRow(g.getAttribute("data-node"));
+  });
+  field("failed").addEventListener("click", function (e) {
+    var name = e.target.getAttribute && e.target.getAttribute("data-goto");
+    if (name === null) return;
+    e.preventDefault();
+    showRow(name);
   });
 
   document.getElementById("cancel").addEventListener("click", function (e) {
@@ -270,10 +304,14 @@
     if (changed === null) return;
     if (changed !== true) drawStep(changed);
     addHistory(ev);
-    drawSummary();
-    if (ev.kind === "workflow_finished") names.forEach(function (n) {
-      drawStep(steps[n]);
-    });
+    if (ev.kind === "workflow_finished") {
+      names.forEach(function (n) {
+        drawStep(steps[n]);
+      });
+      drawAll(); // now: the page may be hidden, and frames are not drawn then
+    } else {
+      drawLater();
+    }
   }
 
   var ticker = null;
@@ -288,20 +326,17 @@
         end: function () {
           source.close();
           clearInterval(ticker);
-          drawAxis();
           baton.live("finished");
         },
       }
     );
     ticker = setInterval(function () {
-      // The time span grows: every bar moves, and running steps' durations change.
+      // Time passes: running steps' durations grow, and the timeline's span.
       names.forEach(function (n) {
         var s = steps[n];
         if (s.runs.length && s.settled_at === null) drawStep(s);
-        else drawBars(s);
       });
-      drawAxis();
-      drawSummary();
+      drawLater();
     }, 1000);
   } else {
     baton.live("finished");
