@@ -22,7 +22,7 @@ from . import bridge, pubsub
 from .dispatch import publish_step
 from .events import DISCARDED, Event, WorkflowFinished
 from .guard import log_failure
-from .stores.records import StepRecord, Transition
+from .stores.records import Released, Transition
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -54,7 +54,7 @@ def announce(runtime: Runtime, out: Transition) -> None:
         pubsub.send_finished_telemetry(event, finish.total_count, finish.duration)
 
 
-def publish_or_discard(runtime: Runtime, wid: str, label: str | None, step: StepRecord) -> None:
+def publish_or_discard(runtime: Runtime, wid: str, label: str | None, step: Released) -> None:
     """Publish a released (or root) step; one that cannot be sent is settled "discarded"
     (it would otherwise keep the workflow open forever). Never raises: the other released
     steps must still be published."""

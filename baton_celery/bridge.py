@@ -287,12 +287,14 @@ def publisher_for(runtime: Runtime) -> Publisher | None:
 
 def publish(runtime: Runtime, event: Event) -> None:
     """Publish ``event`` (numbered in its workflow by the store) when the app's bridge
-    is on.
+    is on and its store does not publish events itself (see ``Runtime.broker_bridge``).
 
     Never raises: a bridge failure is logged and must not reach the task."""
     if not runtime.config.bridge:
         return
     try:
+        if not runtime.broker_bridge:
+            return
         publisher = publisher_for(runtime)
         if publisher is not None:
             publisher.publish(event)

@@ -6,19 +6,25 @@ Installed as a Celery subcommand through the ``celery.commands`` entry point::
     celery -A proj baton watch                 # a live table of workflows and their steps
     celery -A proj baton watch --workflow ID   # one workflow; exits when it finishes
     celery -A proj baton watch --lines         # one line per event (the default in a pipe)
+    celery -A proj baton watch --since 10m     # first what happened in the last 10 minutes
     celery -A proj baton status ID             # its steps and outcome, from the store
+    celery -A proj baton status ID --events    # and its history, event by event
     celery -A proj baton backstop --every 60   # settle stuck steps, every minute
 
-``watch`` listens on the broker bridge (the workers need ``baton_bridge = True``). With
-``--workflow`` it exits 0 when the workflow completed and 1 when it failed.
+``watch`` follows the workers' events (they need ``baton_bridge = True``); ``--since``
+(a duration such as ``90s``, ``10m``, ``2h``, ``1d``, or an ISO 8601 time with its
+offset) starts with the stored events since then. With ``--workflow`` it exits 0 when
+the workflow completed and 1 when it failed.
 """
 
 from __future__ import annotations
 
 import queue
+import re
 import sys
 import time
 from collections import OrderedDict
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import click
@@ -117,13 +123,47 @@ class Board:
         return "\n".join(lines)
 
 
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str | None, now: datetime | None = None) -> datetime | None:
+    """``--since``: a duration back from now (``90s``, ``10m``, ``2h``, ``1d``) or an ISO
+    8601 time with its offset (``2026-12-03T09:00:00+01:00``, ``...Z``)."""
+    if text is None:
+        return None
+    now = now or datetime.now(timezone.utc)
+    match = DURATION.match(text.strip())
+    if match:
+        return now - timedelta(seconds=float(match[1]) * UNITS[match[2]])
+    try:
+        stamp = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: give a duration (90s, 10m, 2h, 1d) or an ISO time with its offset"
+        ) from None
+    if stamp.tzinfo is None:
+        raise click.BadParameter(f"{text!r} has no UTC offset (add +00:00 or Z)")
+    if stamp > now:
+        raise click.BadParameter(f"{text!r} is in the future")
+    return stamp
+
+
 @baton.command()
 @click.option("--workflow", "workflow_id", default=None, help="Watch only this workflow.")
 @click.option("--lines", is_flag=True, help="One line per event (the default when piped).")
 @click.option("--timeout", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--since", default=None, help="Start with the stored events since: 10m, 2h, ISO.")
 @click.pass_context
-def watch(ctx: click.Context, workflow_id: str | None, lines: bool, timeout: float | None) -> None:
+def watch(
+    ctx: click.Context,
+    workflow_id: str | None,
+    lines: bool,
+    timeout: float | None,
+    since: str | None,
+) -> None:
     """Show workflows' events live, as they happen on the workers."""
+    start = parse_since(since)
     app = _app(ctx)
     lines = lines or not sys.stdout.isatty()
     inbox: queue.Queue[Event] = queue.Queue()
@@ -136,7 +176,7 @@ def watch(ctx: click.Context, workflow_id: str | None, lines: bool, timeout: flo
         subscribe_all(receive)
     else:
         subscribe(workflow_id, receive)
-    listener = listen(app)
+    listener = listen(app, since=start)
     broker = app.connection_for_read().as_uri()  # the password masked
     if listener.ready:
         click.echo(f"baton: listening for events on {broker}", err=True)
@@ -154,6 +194,11 @@ def watch(ctx: click.Context, workflow_id: str | None, lines: bool, timeout: flo
             return None
         board.seed(status)
         return status.outcome
+
+    def show(event: Event) -> None:
+        board.apply(event)
+        if lines:
+            click.echo(format_event(event))
 
     try:
         checked = time.monotonic()
@@ -174,14 +219,14 @@ def watch(ctx: click.Context, workflow_id: str | None, lines: bool, timeout: flo
             except queue.Empty:
                 event = None
             if event is not None:
-                board.apply(event)
-                if lines:
-                    click.echo(format_event(event))
+                show(event)
                 if isinstance(event, WorkflowFinished) and event.workflow_id == workflow_id:
                     outcome = event.outcome
             if not lines and time.monotonic() - drawn >= REDRAW:
                 click.echo(CLEAR + board.render())
                 drawn = time.monotonic()
+        while not inbox.empty():  # replayed (--since) or arrived meanwhile
+            show(inbox.get_nowait())
         if not lines:
             click.echo(CLEAR + board.render())
     except KeyboardInterrupt:
@@ -203,12 +248,15 @@ def watch(ctx: click.Context, workflow_id: str | None, lines: bool, timeout: flo
 
 @baton.command()
 @click.argument("workflow_id")
+@click.option("--events", is_flag=True, help="Also print its history, one event a line.")
 @click.pass_context
-def status(ctx: click.Context, workflow_id: str) -> None:
+def status(ctx: click.Context, workflow_id: str, events: bool) -> None:
     """Print one workflow's steps and outcome (from the store)."""
     app = _app(ctx)
+    handle = WorkflowHandle(workflow_id, app)
     try:
-        found = WorkflowHandle(workflow_id, app).status()
+        found = handle.status()
+        history = handle.events() if events else []
     except UnknownWorkflow:
         click.echo(f"no workflow {workflow_id} in the store", err=True)
         ctx.exit(2)
@@ -220,6 +268,10 @@ def status(ctx: click.Context, workflow_id: str) -> None:
     click.echo(f"{'step':<24} {'state':<10} {'attempt':>7}  error")
     for name, step in found.steps.items():
         click.echo(f"{_short(name, 24):<24} {step.state:<10} {step.attempt:>7}  {step.error or ''}")
+    if events:
+        click.echo(f"\nhistory ({len(history)} events):")
+        for event in history:
+            click.echo(f"{event.seq:>5} {format_event(event)}")
 
 
 @baton.command()

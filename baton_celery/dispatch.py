@@ -7,7 +7,7 @@ from typing import Any
 from .canvas import INPUT, RESULT, Tail, flatten
 from .identity import HEADER, StepIdentity
 from .runtime import runtime_for
-from .stores.records import StepRecord
+from .stores.records import Released
 
 __all__ = ["ResultNotPassable", "publish_step"]
 
@@ -16,7 +16,7 @@ class ResultNotPassable(RuntimeError):
     """A canvas step's input (its dependencies' results) cannot be read from the store."""
 
 
-def publish_step(app: Any, workflow_id: str, label: str | None, step: StepRecord) -> None:
+def publish_step(app: Any, workflow_id: str, label: str | None, step: Released) -> None:
     """Send one step to the broker as its own task, under the job id chosen at creation.
 
     A canvas step (see :mod:`baton_celery.canvas`) gets its dependencies' results, read

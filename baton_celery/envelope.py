@@ -14,13 +14,12 @@ is both a worker and a listener does not deliver its own events twice.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from typing import Any
 
 from kombu.entity import Exchange
 
 from .events import Event
+from .process import process_token
 
 __all__ = ["ENVELOPE_VERSION", "bridge_exchange", "envelope", "process_token", "send_envelope"]
 
@@ -35,18 +34,6 @@ def bridge_exchange(name: str) -> Exchange:
     return Exchange(  # type: ignore[no-untyped-call]
         name, type="fanout", durable=False, auto_delete=False, delivery_mode=1
     )
-
-
-_token: tuple[int, str] | None = None
-
-
-def process_token() -> str:
-    """A token unique to this process (a new one after a fork)."""
-    global _token
-    pid = os.getpid()
-    if _token is None or _token[0] != pid:
-        _token = (pid, f"{uuid.uuid4().hex[:16]}-{pid}")
-    return _token[1]
 
 
 def envelope(event: Event) -> dict[str, Any]:

@@ -108,8 +108,7 @@ def on_task_prerun(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
     # gate in before_start (task_wrappers) acts on it: task_prerun cannot stop a task.
     request = sender.request
     setattr(request, GATE_ATTR, out.decision)
-    if out.step is not None:
-        setattr(request, SNOOZE_DISPATCH_ATTR, out.step.dispatch)
+    setattr(request, SNOOZE_DISPATCH_ATTR, out.dispatch)
     announce(ref.runtime, out)
 
 

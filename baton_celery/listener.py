@@ -1,82 +1,84 @@
-"""The broker bridge, receiving side: events of every worker, delivered to this process's
-topics.
+"""Events of every worker, delivered to this process's topics: live, and replayed from
+the store's history so that nothing is lost to a listener that was away.
 
 In a web app, a CLI or a notebook::
 
+    from datetime import datetime, timedelta, timezone
     import baton_celery
 
     baton_celery.subscribe_all(lambda workflow_id, event: print(event))
-    with baton_celery.listen(app):   # or: listener = baton_celery.listen(app); listener.stop()
+    since = datetime.now(timezone.utc) - timedelta(minutes=10)
+    with baton_celery.listen(app, since=since):   # or: listener = listen(app); listener.stop()
         handle = workflow.apply_async()
-        handle.wait(timeout=60)       # woken by the live WorkflowFinished
+        handle.wait(timeout=60)                   # woken by the live WorkflowFinished
 
-:func:`listen` starts a background thread that consumes the bridge's fanout exchange
-(``baton_bridge_exchange``) through its own exclusive, auto-deleted queue over the app's
-broker, and re-sends each remote event through the local topics: the receivers given to
-:func:`~baton_celery.subscribe_all` and :func:`~baton_celery.subscribe` get them exactly
-as they get local ones. The workers must publish (``app.conf.baton_bridge = True``).
+:func:`listen` starts a background thread that follows the workers' events (they must
+turn ``app.conf.baton_bridge = True`` on) and re-sends each through the local topics: the
+receivers given to :func:`~baton_celery.subscribe_all` and
+:func:`~baton_celery.subscribe` get them exactly as they get local ones. With the Redis
+store the events come from the store itself (each transition publishes what it made on
+the store's channel); with any other store, from the broker bridge's fanout exchange
+(:mod:`baton_celery.feeds`).
 
 What a receiver may rely on:
 
-- one workflow's events arrive in the order they happened (by the number each got in the
-  store's atomic transition), and its WorkflowFinished after all of its step events; a
-  missing number is waited for at most ``baton_bridge_reorder_window`` seconds, then the
-  events behind it are delivered and the gap is logged (:mod:`baton_celery.reorder`);
-- an event this process sent itself (it is also a worker) is not delivered twice;
-- receivers run in the listener's thread, one event at a time;
-- delivery is live only: events sent while the listener was not connected (before it was
-  ready, during a broker restart) are not replayed. The store stays the source of truth:
-  ``WorkflowHandle.status()`` / ``.wait()``.
-
-Only JSON is accepted; malformed, foreign or oversized messages are logged and dropped
-and the consumer carries on.
+- each event exactly once, and one workflow's events in the order they happened (by the
+  number each got in the store's atomic transition), its WorkflowFinished last;
+- with ``since``, the events stored since then are delivered first, for every workflow
+  (including those that started and finished while nobody listened), then the live ones;
+  without it, the events made from the moment the listener started;
+- after a lost broker connection, every event made meanwhile is read from the store's
+  history once the listener is back; a gap the live feed leaves is filled from there too
+  (only when the store has lost them, e.g. after its retention, are they skipped, and
+  logged);
+- an event this process made itself (it is also a worker) is not delivered twice;
+- receivers run in the listener's thread, one event at a time.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
-import uuid
 import weakref
-from queue import Empty
+from datetime import datetime
 from typing import Any, Callable
 
-from kombu.entity import Queue
-from kombu.messaging import Consumer, Producer
-
 from . import pubsub
-from .config import Config
-from .envelope import ENVELOPE_VERSION, bridge_exchange, process_token, send_envelope
-from .events import Event, WorkflowFinished, event_from_dict
+from .envelope import bridge_exchange
+from .events import Event, WorkflowFinished
+from .feeds import BrokerFeed, Feed, StoreFeed
 from .guard import RateLimitedLog
+from .process import process_token
 from .reorder import Reorderer
-from .runtime import runtime_for
+from .runtime import Runtime, runtime_for
+from .stores import UnknownWorkflow
 
 __all__ = ["Listener", "Reorderer", "listen", "listening"]
 
 logger = logging.getLogger(__name__)
 
 DROPPED = "baton_celery: dropped a bridge message: %s"
-CONNECTION_LOST = (
-    "baton_celery: bridge listener lost its broker connection (%r); reconnecting in %.1f s"
-)
+CONNECTION_LOST = "baton_celery: bridge listener lost its connection (%r); reconnecting in %.1f s"
 NOT_READY = (
     "baton_celery: bridge listener for %s is not connected after %.1f s; it keeps trying "
     "in the background"
 )
+REPLAY_FAILED = (
+    "baton_celery: bridge listener could not read the store's history (%s); live events "
+    "go on, the replay is tried again"
+)
 
-#: How long the consumer blocks for a message before it looks at its timers.
-TICK = 0.05
-#: After this many idle seconds the listener sends itself a probe through the exchange,
-#: and reconnects when one has not come back within PROBE_TIMEOUT seconds: a half-open
-#: connection or a silently lost subscription would otherwise go unnoticed.
-HEARTBEAT = 2.0
-PROBE_TIMEOUT = 10.0
 #: Seconds between reconnection attempts: doubled after each failure, up to the max.
 RECONNECT_FIRST = 0.2
 RECONNECT_MAX = 5.0
+#: After a reconnection, the events since this many seconds before the connection was
+#: last seen alive are read from the store (clocks of hosts may disagree a little).
+REPLAY_MARGIN = 5.0
+#: Seconds between two tries of a replay the store could not serve.
+REPLAY_RETRY = 1.0
+#: Workflows read per page of a replay.
+REPLAY_PAGE = 500
 
 
 _listeners: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Listener]] = weakref.WeakKeyDictionary()
@@ -90,51 +92,70 @@ def listening(app: Any) -> bool:
         return any(listener.ready for listener in found) if found else False
 
 
+def check_since(since: datetime | None) -> float | None:
+    """``since`` as a Unix time; a clear error when it is naive or in the future."""
+    if since is None:
+        return None
+    if not isinstance(since, datetime):
+        raise TypeError(f"since must be a datetime, got {since!r}")
+    if since.tzinfo is None or since.utcoffset() is None:
+        raise ValueError(f"since must be timezone-aware (e.g. tzinfo=timezone.utc): {since!r}")
+    stamp = since.timestamp()
+    if stamp > time.time() + 1.0:
+        raise ValueError(f"since is in the future: {since.isoformat()}")
+    return stamp
+
+
 class Listener:
-    """A background consumer of the bridge's fanout exchange for one app.
+    """A background follower of every worker's events for one app.
 
     Use :func:`listen` to start one. A context manager; :meth:`stop` ends it. The
-    counters (``received``, ``delivered``, ``malformed``, ``reconnects``) are for tests
-    and dashboards.
+    counters (``received``, ``delivered``, ``replayed``, ``malformed``, ``reconnects``)
+    are for tests and dashboards.
     """
 
     def __init__(
         self,
         app: Any,
         *,
+        since: datetime | None = None,
         exchange: str | None = None,
         reorder_window: float | None = None,
         max_message: int | None = None,
         deliver: Callable[[Event], None] | None = None,
     ) -> None:
-        runtime = runtime_for(app)
-        config = runtime.config if runtime is not None else Config.from_app(app)
         self.app = app
+        self.since = check_since(since)
+        self.runtime = runtime_for(app) or Runtime(app)
+        config = self.runtime.config
         self.exchange = bridge_exchange(exchange or config.bridge_exchange)
         self.max_message = max_message or config.bridge_max_message
         window = config.bridge_reorder_window if reorder_window is None else reorder_window
-        self.reorderer = Reorderer(self._deliver, window)
+        self.reorderer = Reorderer(self._deliver, window, fill=self._fill)
         self._deliver_to = deliver or pubsub.broadcast
         self.received = 0
         self.delivered = 0
+        self.replayed = 0
         self.malformed = 0
         self.reconnects = 0
         self.connections = 0  # how many times it has become ready (1 + reconnections)
+        self._started = time.time()
+        self._alive = self._started  # when the feed last showed it was connected
+        self._replay_from: float | None = self.since  # a replay to do, from then
+        self._replay_tried = 0.0
         self._connected = threading.Event()
         self._changed = threading.Condition()
         self._stop = threading.Event()
-        self._probe: str | None = None  # the nonce of the probe on its way, if any
-        self._probe_sent = 0.0
-        self._activity = 0.0  # when a message last arrived
         self._thread: threading.Thread | None = None
         self._token = process_token()
         self._connection_lost = RateLimitedLog(logger, logging.WARNING)
+        self._replay_failed = RateLimitedLog(logger, logging.WARNING, traceback=False)
 
     # --- lifecycle --------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        """Connected, and its subscription proven live by its own probe message."""
+        """Connected, and its subscription proven live."""
         return self._connected.is_set() and not self._stop.is_set()
 
     def wait_ready(self, timeout: float | None = None, *, after: int = 0) -> bool:
@@ -176,12 +197,18 @@ class Listener:
 
     # --- the loop ---------------------------------------------------------------------
 
+    def _feed(self) -> Feed:
+        store = self.runtime.store
+        if store.feed_channel:
+            return StoreFeed(store)
+        return BrokerFeed(self.app, self.exchange)
+
     def _run(self) -> None:
         backoff = RECONNECT_FIRST
         while not self._stop.is_set():
             connections = self.connections
             try:
-                self._consume()
+                self._feed().run(self)
             except Exception as exc:
                 self._connected.clear()
                 if self._stop.is_set():
@@ -193,142 +220,113 @@ class Listener:
                 # A bounded back-off that a stop() interrupts at once.
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, RECONNECT_MAX)
+            finally:
+                self._connected.clear()
 
-    def _consume(self) -> None:
-        conn = self.app.connection_for_read()
-        try:
-            # One quick attempt: the back-off between attempts is _run's, and stoppable.
-            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.1)
-            queue = Queue(  # type: ignore[no-untyped-call]
-                f"baton_celery.listener.{uuid.uuid4().hex}",
-                self.exchange,
-                routing_key="",
-                durable=False,
-                exclusive=True,
-                auto_delete=True,
-                no_ack=True,  # Redis: with acks, every fanout message lands in the unacked hash
-            )
-            channel = conn.channel()
-            consumer: Any = Consumer(  # type: ignore[no-untyped-call]
-                channel, [queue], accept=["json"], no_ack=True, on_message=self._on_message
-            )
-            consumer.consume()
-            producer = Producer(conn.channel(), exchange=self.exchange)  # type: ignore[no-untyped-call]
-            is_redis = conn.transport.driver_type == "redis"
-            self._probe = None
-            next_probe = 0.0
-            while not self._stop.is_set():
-                try:
-                    conn.drain_events(timeout=TICK)
-                except socket.timeout:
-                    pass
-                except (KeyError, TypeError, ValueError) as exc:
-                    if not is_redis:
-                        raise
-                    self._skip_raw(exc)
-                if is_redis:
-                    self._drain_buffered(channel)
-                self.reorderer.tick()
-                now = time.monotonic()
-                if not self._connected.is_set():
-                    if now >= next_probe:
-                        # Redis subscribes on the first drain_events, not on consume():
-                        # ready only once a probe sent through the exchange came back.
-                        self._send_probe(producer)
-                        next_probe = now + 0.25
-                elif self._probe is None:
-                    if now - self._activity >= HEARTBEAT:
-                        self._send_probe(producer)
-                elif now - self._probe_sent >= PROBE_TIMEOUT:
-                    # A half-open connection or a lost subscription: start again.
-                    raise ConnectionError(f"no probe came back in {PROBE_TIMEOUT} s")
-        finally:
-            self._connected.clear()
-            try:
-                conn.release()
-            except Exception:
-                logger.debug("baton_celery: closing the listener's connection", exc_info=True)
+    # --- what the feed calls ----------------------------------------------------------
 
-    def _skip_raw(self, exc: BaseException) -> None:
-        # Redis: a raw PUBLISH that is not a kombu message fails inside kombu
-        # (KeyError('properties')) after it was read off the socket: the subscription is
-        # intact, so skip it instead of reconnecting.
-        self.malformed += 1
-        logger.warning(DROPPED, f"not a kombu message ({exc!r})")
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
-    def _drain_buffered(self, channel: Any) -> None:
-        """Redis: read the messages already buffered in the pub/sub client.
+    def on_ready(self) -> None:
+        """The feed is subscribed: replay what was missed, then go live."""
+        if self.connections:  # a reconnection: read what was made while away
+            self._replay_from = self._alive - REPLAY_MARGIN
+        self._replay()
+        with self._changed:
+            self.connections += 1
+            self._connected.set()
+            self._changed.notify_all()
 
-        When kombu's read loop stops on a malformed message (an exception, or a silent
-        skip of one that is not JSON), the messages that came in the same read wait in
-        redis-py's buffer, where the poller does not see them until something else
-        arrives. Uses kombu's Redis channel internals when they are there; otherwise the
-        heartbeat probe is what wakes the poller."""
-        client = getattr(channel, "__dict__", {}).get("subclient")
-        receive = getattr(channel, "_receive", None)
-        connection = getattr(client, "connection", None)
-        if connection is None or receive is None:
-            return
-        for _ in range(10_000):  # bounded: a flood must not starve the timers
-            try:
-                if not connection.can_read(timeout=0):
-                    return
-                receive()
-            except (KeyError, TypeError, ValueError) as exc:
-                self._skip_raw(exc)
-            except Empty:  # kombu's way to skip a payload that is not JSON
-                pass
-
-    def _send_probe(self, producer: Any) -> None:
-        self._probe = uuid.uuid4().hex
-        self._probe_sent = time.monotonic()
-        send_envelope(
-            producer,
-            self.exchange,
-            {"v": ENVELOPE_VERSION, "probe": self._probe},
-            {"max_retries": 1},
-        )
-
-    def _on_message(self, message: Any) -> None:
+    def on_event(self, event: Event, origin: str) -> None:
         self.received += 1
-        self._activity = time.monotonic()
-        try:
-            body = message.body
-            size = len(body) if isinstance(body, (bytes, str)) else 0
-            if size > self.max_message:
-                raise ValueError(f"{size} bytes, more than baton_bridge_max_message")
-            data = message.decode()  # refuses anything but JSON (accept=["json"])
-            self._accept(data)
-        except Exception as exc:
-            self.malformed += 1
-            logger.warning(DROPPED, f"{type(exc).__name__}: {exc}"[:500])
-
-    def _accept(self, data: Any) -> None:
-        """Check one decoded envelope and hand it to the reorderer."""
-        if not isinstance(data, dict) or data.get("v") != ENVELOPE_VERSION:
-            raise ValueError("not a baton_celery envelope (version 1)")
-        if "probe" in data:
-            if data["probe"] == self._probe and self._probe is not None:
-                self._probe = None
-                if not self._connected.is_set():
-                    with self._changed:
-                        self.connections += 1
-                        self._connected.set()
-                        self._changed.notify_all()
-            return
-        seq, origin = data.get("seq"), data.get("origin")
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-            raise ValueError(f"bad seq {seq!r}")
-        if not isinstance(origin, str):
-            raise ValueError(f"bad origin {origin!r}")
-        raw = data.get("event")
-        if not isinstance(raw, dict):
-            raise ValueError("no event")
-        event = event_from_dict(raw)
-        # Our own events were delivered here when they happened: only count them.
+        self._alive = time.time()
         own = origin == self._token
+        workflow_id = event.workflow_id
+        # First seen mid-run: start where this listener's window starts (at this event
+        # when the store has none since then; clocks differ a little).
+        if (
+            event.seq > 1
+            and not self.reorderer.knows(workflow_id)
+            and self._catch_up(workflow_id, self.since or self._started)
+        ):
+            self.reorderer.open(workflow_id, event.seq)
+        # Our own events were delivered here when they happened: only count them.
         final = isinstance(event, WorkflowFinished)
-        self.reorderer.push(event.workflow_id, seq, None if own else event, final)
+        self.reorderer.push(workflow_id, event.seq, None if own else event, final)
+
+    def on_malformed(self, reason: str) -> None:
+        self.malformed += 1
+        logger.warning(DROPPED, reason)
+
+    def on_tick(self) -> None:
+        self._alive = time.time() if self._connected.is_set() else self._alive
+        if self._replay_from is not None and time.time() - self._replay_tried >= REPLAY_RETRY:
+            self._replay()
+        self.reorderer.tick()
+
+    # --- the store's history ----------------------------------------------------------
+
+    def _replay(self) -> None:
+        """Deliver the stored events since ``_replay_from`` of every workflow active
+        since then; on a store error, try again later (the live feed goes on)."""
+        since = self._replay_from
+        if since is None:
+            return
+        self._replay_tried = time.time()
+        store = self.runtime.store
+        try:
+            before = None
+            while True:
+                page = store.workflows(active_since=since, limit=REPLAY_PAGE, before=before)
+                for summary in reversed(page):  # oldest first
+                    self._catch_up(summary.id, since, strict=True)
+                if len(page) < REPLAY_PAGE:
+                    break
+                before = page[-1].created_at
+        except Exception as exc:
+            self._replay_failed(REPLAY_FAILED, f"{type(exc).__name__}: {exc}")
+            return
+        self._replay_from = None
+
+    def _catch_up(self, workflow_id: str, since: float, *, strict: bool = False) -> bool:
+        """Push a workflow's stored events this listener has not delivered: after the
+        last one delivered when it is followed, else those made at or after ``since``.
+        False when the store could not tell (an unknown workflow, or a store error:
+        raised when ``strict``, as a replay retries, else logged)."""
+        if self.reorderer.knows(workflow_id) and self.reorderer.next_of(workflow_id) is None:
+            return True  # finished and delivered
+        try:
+            following = self.reorderer.next_of(workflow_id)
+            events = self.runtime.store.history(workflow_id, (following or 1) - 1)
+        except UnknownWorkflow:
+            return False
+        except Exception as exc:
+            if strict:
+                raise
+            self._replay_failed(REPLAY_FAILED, f"{type(exc).__name__}: {exc}")
+            return False
+        if following is None:
+            events = [e for e in events if e.timestamp.timestamp() >= since]
+            if not events:
+                return True
+            self.reorderer.open(workflow_id, events[0].seq)
+        for event in events:
+            self.replayed += 1
+            self.reorderer.push(workflow_id, event.seq, event)
+        return True
+
+    def _fill(self, workflow_id: str, after: int) -> list[Event]:
+        """The reorderer's gap filler: the stored events after ``after``."""
+        try:
+            return self.runtime.store.history(workflow_id, after)
+        except UnknownWorkflow:
+            return []  # expired meanwhile
+        except Exception as exc:
+            self._replay_failed(REPLAY_FAILED, f"{type(exc).__name__}: {exc}")
+            return []
+
+    # --- delivery ---------------------------------------------------------------------
 
     def _deliver(self, event: Event) -> None:
         self.delivered += 1
@@ -336,17 +334,32 @@ class Listener:
             self._deliver_to(event)
         except Exception:  # pubsub isolates receivers; this guards a custom deliver
             logger.exception("baton_celery: delivering a bridge event failed")
+        if isinstance(event, WorkflowFinished) and pubsub.workflow_finished_telemetry.receivers:
+            self._telemetry(event)
+
+    def _telemetry(self, event: WorkflowFinished) -> None:
+        """workflow_finished_telemetry for a finish made in another process."""
+        try:
+            summary = self.runtime.store.summary(event.workflow_id)
+            duration = max(0.0, event.timestamp.timestamp() - summary.created_at)
+            pubsub.send_finished_telemetry(event, summary.total, duration)
+        except Exception as exc:
+            self._replay_failed(REPLAY_FAILED, f"{type(exc).__name__}: {exc}")
 
 
-def listen(app: Any, *, timeout: float = 10.0, **options: Any) -> Listener:
+def listen(
+    app: Any, *, since: datetime | None = None, timeout: float = 10.0, **options: Any
+) -> Listener:
     """Start a :class:`Listener` for ``app`` and wait up to ``timeout`` seconds until it is
-    subscribed. If the broker cannot be reached by then, a warning is logged and the
-    listener keeps trying in the background (``listener.wait_ready()`` tells when).
+    subscribed (and, with ``since``, has replayed the stored events since then). If it
+    cannot connect by then, a warning is logged and it keeps trying in the background
+    (``listener.wait_ready()`` tells when).
 
-    ``options``: ``exchange``, ``reorder_window``, ``max_message`` override the app's
-    ``baton_bridge_*`` settings; ``deliver`` replaces the local topics as the target.
+    ``since``: a timezone-aware datetime, not in the future. ``options``: ``exchange``,
+    ``reorder_window``, ``max_message`` override the app's ``baton_bridge_*`` settings;
+    ``deliver`` replaces the local topics as the target.
     """
-    listener = Listener(app, **options).start()
+    listener = Listener(app, since=since, **options).start()
     if not listener.wait_ready(timeout):
         logger.warning(NOT_READY, app, timeout)
     return listener

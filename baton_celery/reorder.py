@@ -2,7 +2,9 @@
 
 Events of one workflow reach a listener from several processes, each numbered (``seq``)
 in the store's atomic transition. A :class:`Reorderer` puts them back in that order and
-hands each to ``deliver``; it does no I/O and reads time only through ``clock``::
+hands each to ``deliver``; it does no I/O of its own (``fill``, when given, reads the
+missing events behind a gap from the store's history) and reads time only through
+``clock``::
 
     from baton_celery.reorder import Reorderer
 
@@ -65,6 +67,7 @@ class Reorderer:
         deliver: Callable[[Event], None],
         window: float = 2.0,
         *,
+        fill: Callable[[str, int], list[Event]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_workflows: int = 100_000,
         remember_finished: int = 10_000,
@@ -72,6 +75,7 @@ class Reorderer:
     ) -> None:
         self.deliver = deliver
         self.window = window
+        self.fill = fill
         self.clock = clock
         self.max_workflows = max_workflows
         self.remember_finished = remember_finished
@@ -82,6 +86,23 @@ class Reorderer:
         self.gaps = 0
         self.dropped = 0
         self._last_sweep = clock()
+
+    def knows(self, workflow_id: str) -> bool:
+        """Whether the workflow is being followed, or finished and remembered."""
+        return workflow_id in self.flows or workflow_id in self.finished
+
+    def next_of(self, workflow_id: str) -> int | None:
+        """The number a followed workflow's next event must have (None: not followed)."""
+        flow = self.flows.get(workflow_id)
+        return None if flow is None else flow.next
+
+    def open(self, workflow_id: str, first: int) -> None:
+        """Follow a workflow from event ``first`` on (a listener that starts mid-run);
+        nothing changes for a workflow already followed or finished."""
+        if not self.knows(workflow_id):
+            self.flows[workflow_id] = _Flow(next=first, seen=self.clock())
+            if len(self.flows) > self.max_workflows:
+                self._forget(next(iter(self.flows)), flush=True)
 
     def push(self, workflow_id: str, seq: int, event: Event | None, final: bool = False) -> None:
         """Take event number ``seq`` of a workflow; ``final`` marks its WorkflowFinished
@@ -110,14 +131,20 @@ class Reorderer:
             self._drain(workflow_id, flow)
 
     def tick(self) -> None:
-        """Deliver what waited longer than the window behind a gap; forget idle workflows."""
+        """Fill from ``fill`` (the store's history) what waited longer than the window
+        behind a gap, else deliver what follows the gap; forget idle workflows."""
         now = self.clock()
         for workflow_id in list(self.waiting):
             flow = self.flows.get(workflow_id)
             if flow is None:
                 self.waiting.discard(workflow_id)
                 continue
-            while flow.held and now - min(h[2] for h in flow.held.values()) >= self.window:
+            if self.fill is not None and self._overdue(flow, now):
+                for event in self.fill(workflow_id, flow.next - 1):
+                    self.push(workflow_id, event.seq, event)
+                if self.flows.get(workflow_id) is not flow:
+                    continue  # finished meanwhile
+            while flow.held and self._overdue(flow, now):
                 first = min(flow.held)
                 self.gaps += 1
                 missing = f"{flow.next}" if first - flow.next == 1 else f"{flow.next}-{first - 1}"
@@ -130,6 +157,9 @@ class Reorderer:
             for workflow_id, flow in list(self.flows.items()):
                 if not flow.held and now - flow.seen >= self.idle_after:
                     self._forget(workflow_id, flush=False)
+
+    def _overdue(self, flow: _Flow, now: float) -> bool:
+        return bool(flow.held) and now - min(h[2] for h in flow.held.values()) >= self.window
 
     def _drain(self, workflow_id: str, flow: _Flow) -> bool:
         """Deliver the held events that are next in line; False once the flow is gone."""
@@ -163,5 +193,6 @@ class Reorderer:
                     self.deliver(event)
 
     def _drop_late(self, workflow_id: str, seq: int) -> None:
+        # Also every event a replay and the live feed both bring: normal, so quiet.
         self.dropped += 1
-        logger.info(LATE, workflow_id, seq)
+        logger.debug(LATE, workflow_id, seq)

@@ -53,13 +53,18 @@ class Runtime:
                     self._take_up_late_settings()
                     configured: Any = self.app.conf.get("baton_store")
                     if isinstance(configured, Store):
-                        self._store = configured
+                        store = configured
                     else:
-                        self._store = store_from_url(
+                        store = store_from_url(
                             self.config.store,
                             timeout=self.config.store_timeout,
                             retention=self.config.retention,
                         )
+                    if self.config.bridge and store.feed_channel:
+                        # A store that can publish its events itself (Redis) is the
+                        # bridge: no broker publish per event.
+                        store.channel = store.feed_channel
+                    self._store = store
                 store = self._store
         return store
 
@@ -79,6 +84,12 @@ class Runtime:
             names = ", ".join(f"baton_{n}" for n in changed)
             logger.warning(CHANGED_AFTER_INSTALL, names, "s" if len(changed) > 1 else "")
             self._config = current
+
+    @property
+    def broker_bridge(self) -> bool:
+        """Whether events go to the broker bridge: the bridge is on and the store does
+        not publish them itself."""
+        return self.config.bridge and not self.store.channel
 
     def close(self) -> None:
         """Close the store's connections, if this process opened any."""

@@ -21,10 +21,14 @@ class EventLog(list[Event]):
         super().__init__()
         self._cond = threading.Condition()
 
-    def _receive(self, workflow_id: str, event: Event, **_: Any) -> None:
+    def add(self, event: Event) -> None:
+        """Take one event (a listener's ``deliver``: ``listen(app, deliver=log.add)``)."""
         with self._cond:
             self.append(event)
             self._cond.notify_all()
+
+    def _receive(self, workflow_id: str, event: Event, **_: Any) -> None:
+        self.add(event)
 
     @property
     def steps(self) -> list[StepUpdated]:

@@ -152,7 +152,7 @@ class Workflow:
         runtime.store.create(record)
         for step in record.steps.values():
             if step.dispatch:
-                publish_or_discard(runtime, record.id, record.label, step)
+                publish_or_discard(runtime, record.id, record.label, step.released())
         return WorkflowHandle(record.id, app, label=record.label)
 
 
@@ -366,7 +366,7 @@ class WorkflowHandle:
         # down) must not lose the cancelled events or the only WorkflowFinished.
         announce(runtime, out)
         record = runtime.store.load(self.id)
-        queued = [s.job_id for s in out.cancelled if s.dispatch]
+        queued = out.revoke
         retrying = [s.job_id for s in record.steps.values() if s.state == RETRYABLE]
         running = [s.job_id for s in record.steps.values() if s.state == EXECUTING]
         if queued or retrying:

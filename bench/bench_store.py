@@ -1,11 +1,15 @@
-"""The Redis store's cost per step as workflows grow, and its memory per live step.
+"""The Redis store's cost per step as workflows grow, its Redis CPU per transition, its
+memory per step, and how fast a listener replays history.
 
-For workflows of 10, 1,000 and 10,000 steps, three shapes (parallel steps; a sequential
-chain, where each settle releases the next; a fan-in into one final step), each step's
-begin + settle as a worker does them, one client, on a redis-server of the benchmark's
-own: microseconds per step (the finishing transition, which sets every key's expiry, is
-included). Memory: Redis's used_memory before and after creating a workflow and starting
-all its steps, per step.
+- For workflows of 10, 1,000 and 10,000 steps, three shapes (parallel steps; a
+  sequential chain, where each settle releases the next; a fan-in into one final step),
+  each step's begin + settle as a worker does them, one client, on a redis-server of the
+  benchmark's own: microseconds per step (the finishing transition, which sets every
+  key's expiry, is included).
+- Redis CPU per call of each transition script (INFO commandstats, usec_per_call).
+- Memory: MEMORY USAGE of a finished no-op workflow's keys (its history included) and
+  of its job index entries, per step; and of one history entry.
+- Replay: events per second ``Store.history`` reads back, over 100 workflows.
 
 Run: python bench/bench_store.py
 """
@@ -76,26 +80,66 @@ def cost_per_step(store: RedisStore, shape: str, n: int, total: int = 10_000) ->
     return min(passes)
 
 
-def memory_per_step(store: RedisStore, n: int) -> tuple[float, float]:
-    """Bytes per step of a live workflow (every step executing): Redis's used_memory
-    delta, and the sum of MEMORY USAGE over the workflow's keys and its job index keys
-    (exact per key, without the keyspace's own growth)."""
+def memory_per_step(store: RedisStore, n: int) -> tuple[float, float, float]:
+    """Bytes per step of a finished no-op workflow (every step ran and completed): the
+    sum of MEMORY USAGE over the workflow's own keys, history included; over its job index
+    entries; and of one history entry (the history list's usage per event)."""
     client = store.client
-    before = int(client.info("memory")["used_memory"])
     made = record("parallel", n)
     store.create(made)
     for name in made.steps:
         store.begin(made.id, name, 1)
-    after = int(client.info("memory")["used_memory"])
+        store.settle(made.id, name, "completed")
     base = store._base(made.id)
-    keys = [base + k for k in ("meta", "steps", "jobs")]
-    keys += [f"{base}s:{name}" for name in made.steps]
-    keys += [store._global(f"job:{s.job_id}") for s in made.steps.values()]
-    pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.memory_usage(key, samples=0)
-    usage = sum(int(u or 0) for u in pipe.execute())
-    return (after - before) / n, usage / n
+    own = [base + k for k in ("m", "sig", "steps", "jobs", "failed", "ev")]
+    own += [f"{base}s:{name}" for name in made.steps]
+    jobs = [store._global(f"job:{s.job_id}") for s in made.steps.values()]
+
+    def usage(keys: list[str]) -> int:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.memory_usage(key, samples=0)
+        return sum(int(u or 0) for u in pipe.execute())
+
+    events = client.llen(base + "ev")
+    return usage(own) / n, usage(jobs) / n, usage([base + "ev"]) / events
+
+
+def cpu_per_transition(store: RedisStore, n: int = 2000) -> dict[str, float]:
+    """Redis CPU per call (microseconds) of begin, settle and both on a fan-out root."""
+    client = store.client
+    spent: dict[str, float] = {}
+    made = record("parallel", n)
+    store.create(made)
+    for script, call in (
+        ("begin", lambda name: store.begin(made.id, name, 1)),
+        ("settle", lambda name: store.settle(made.id, name, "completed")),
+    ):
+        call(next(iter(made.steps)))  # the script is loaded: EVALSHA from here on
+        client.config_resetstat()
+        for name in list(made.steps)[1:]:
+            call(name)
+        stats = client.info("commandstats")["cmdstat_evalsha"]
+        spent[script] = float(stats["usec_per_call"])
+    return spent
+
+
+def replay_rate(store: RedisStore, workflows: int = 100, width: int = 20) -> float:
+    """Events per second read back through ``history`` (one listener's replay)."""
+    ids = []
+    for _ in range(workflows):
+        made = record("parallel", width)
+        store.create(made)
+        for name in made.steps:
+            store.begin(made.id, name, 1)
+            store.settle(made.id, name, "completed")
+        ids.append(made.id)
+    best = 0.0
+    for _ in range(3):
+        started = time.perf_counter()
+        count = sum(len(store.history(i)) for i in ids)
+        best = max(best, count / (time.perf_counter() - started))
+    return best
 
 
 def main() -> None:
@@ -115,13 +159,16 @@ def main() -> None:
             costs = [cost_per_step(store, shape, n) for n in SIZES]
             spread = max(costs) / min(costs)
             print(f"  {shape:10s}" + "".join(f"{c:10.0f}" for c in costs) + f"   {spread:.2f}")
-        print("\nRedis memory per live step (all steps executing), bytes:")
-        print("  steps      used_memory delta   MEMORY USAGE of its keys")
+        print("\nRedis CPU per transition (INFO commandstats usec_per_call):")
+        for script, usec in cpu_per_transition(store).items():
+            print(f"  {script:8s} {usec:6.1f} us")
+        print("\nRedis memory per step of a finished no-op workflow (MEMORY USAGE), bytes:")
+        print("  steps   workflow keys   job index   total   one history event")
         for n in SIZES:
             sizes = [memory_per_step(store, n) for _ in range(3)]
-            delta = statistics.median(s[0] for s in sizes)
-            usage = statistics.median(s[1] for s in sizes)
-            print(f"  {n:>7,d}  {delta:14.0f}   {usage:18.0f}")
+            own, jobs, event = (statistics.median(s[i] for s in sizes) for i in range(3))
+            print(f"  {n:>7,d}  {own:12.0f}  {jobs:10.0f}  {own + jobs:6.0f}  {event:10.0f}")
+        print(f"\nReplay: {replay_rate(store):,.0f} events/s read back with history()")
         store.close()
 
 

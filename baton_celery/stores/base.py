@@ -45,6 +45,11 @@ class Store(abc.ABC):
 
     #: Whether every process of a prefork worker sees the same state.
     shared_across_processes: bool = True
+    #: Where this store can publish the events its transitions make, for listeners
+    #: (None: it cannot; the broker bridge carries them instead).
+    feed_channel: str | None = None
+    #: Where it does publish them ("": nowhere); the runtime sets it when the bridge is on.
+    channel: str = ""
 
     @abc.abstractmethod
     def create(self, record: WorkflowRecord) -> None: ...
@@ -81,6 +86,10 @@ class Store(abc.ABC):
     def history(self, workflow_id: str, after: int = 0) -> list[Event]:
         """The workflow's events numbered above ``after``, in the order they were made:
         every event its transitions made, equal to what a receiver got."""
+
+    def summary(self, workflow_id: str) -> WorkflowSummary:
+        """One workflow at a glance (as :meth:`workflows` lists it)."""
+        return self.load(workflow_id).summary()
 
     @abc.abstractmethod
     def workflows(

@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..events import (
     CANCELLED,
@@ -35,6 +35,7 @@ __all__ = [
     "SNOOZE",
     "TERMINAL",
     "Finish",
+    "Released",
     "StepRecord",
     "Transition",
     "WorkflowRecord",
@@ -65,6 +66,15 @@ SKIP = "skip"  # already settled (a duplicate delivery, or cancelled meanwhile):
 WORKFLOW_CANCELLED = "workflow cancelled"
 
 
+class Released(NamedTuple):
+    """A step a transition released: what publishing it takes."""
+
+    name: str
+    job_id: str
+    signature: dict[str, Any]
+    dispatch: int  # its publication number, carried by its message
+
+
 @dataclasses.dataclass
 class StepRecord:
     name: str
@@ -87,6 +97,10 @@ class StepRecord:
     @property
     def settled(self) -> bool:
         return self.state in TERMINAL
+
+    def released(self) -> Released:
+        """What publishing this step takes."""
+        return Released(self.name, self.job_id, self.signature, self.dispatch)
 
     def tolerates(self, dep: StepRecord) -> bool:
         """Whether this step may run after ``dep`` ended as it did."""
@@ -197,32 +211,24 @@ class Transition:
 
     Every transition (begin, retrying, settle, cancel, the backstop's) returns one.
     ``applied`` is False when it changed nothing (a duplicate settle, a stale retry, a
-    message skipped at the gate): then it implies no event. Otherwise ``events`` holds
-    every event it made, numbered and stamped inside the transition and kept in the
-    store's history with it, in order: the step's own (its new state in
-    :attr:`step_state`), the cascade's ``cancelled`` ones, then the finish when this
-    transition won the claim. ``cancelled`` holds the steps it cancelled, ``released`` the
-    dependents that must now be published, and ``finish`` is set on the one transition
-    that won the finish claim. ``decision`` is the gate's answer, for ``begin`` only.
+    message skipped at the gate): then it made no event. Otherwise ``events`` holds every
+    event it made, numbered and stamped inside the transition and kept in the store's
+    history with it, in order: the step's own, the cascade's ``cancelled`` ones, then the
+    finish when this transition won the claim (``finish`` is set then). ``released``
+    holds the dependents that must now be published, ``revoke`` the Celery task ids of
+    the queued steps a ``cancel`` cancelled. ``decision`` is the gate's answer and
+    ``dispatch`` the step's publication number, for ``begin``.
     """
 
     workflow_id: str
     workflow_label: str | None
     applied: bool = False
-    step: StepRecord | None = None
     decision: str | None = None
-    released: list[StepRecord] = dataclasses.field(default_factory=list)
-    cancelled: list[StepRecord] = dataclasses.field(default_factory=list)
+    dispatch: int = 0
+    released: list[Released] = dataclasses.field(default_factory=list)
+    revoke: list[str] = dataclasses.field(default_factory=list)
     finish: Finish | None = None
     events: list[Event] = dataclasses.field(default_factory=list)
-
-    @property
-    def step_state(self) -> str | None:
-        """The state of the step's own event: its new state, or "snoozed" for a step
-        that stayed pending because its message came too early. None: no event."""
-        if not self.applied or self.step is None:
-            return None
-        return SNOOZED if self.step.state == PENDING else self.step.state
 
 
 def _at(unix_time: float) -> datetime:
@@ -266,10 +272,14 @@ def _emit(record: WorkflowRecord, out: Transition, step: StepRecord, state: str)
     return step
 
 
-def _applied(record: WorkflowRecord, step: StepRecord | None = None, **fields: Any) -> Transition:
+def _applied(record: WorkflowRecord, **fields: Any) -> Transition:
     """A transition that will change the record: its events are stamped from now on."""
     record.tick()
-    return Transition(record.id, record.label, applied=True, step=step, **fields)
+    return Transition(record.id, record.label, applied=True, **fields)
+
+
+def _unchanged(record: WorkflowRecord, **fields: Any) -> Transition:
+    return Transition(record.id, record.label, **fields)
 
 
 def _fail(step: StepRecord, state: str, error: str | None, origin: str | None) -> None:
@@ -300,9 +310,9 @@ def _propagate(record: WorkflowRecord, settled: StepRecord, out: Transition) -> 
             else:
                 child.dispatch += 1
                 child.updated_at = record.updated_at
-                out.released.append(child)
+                out.released.append(child.released())
                 continue
-            out.cancelled.append(_emit(record, out, child, CANCELLED))
+            _emit(record, out, child, CANCELLED)
             stack.append(child)
 
 
@@ -327,7 +337,7 @@ def _claim_finish(record: WorkflowRecord, out: Transition) -> None:
 def _cancel_at_gate(
     record: WorkflowRecord, step: StepRecord, error: str, origin: str | None
 ) -> Transition:
-    out = _applied(record, step, decision=SKIP)
+    out = _applied(record, decision=SKIP, dispatch=step.dispatch)
     _fail(step, CANCELLED, error, origin)
     _emit(record, out, step, CANCELLED)
     _propagate(record, step, out)
@@ -344,7 +354,7 @@ def begin(record: WorkflowRecord, name: str, dispatch: int) -> Transition:
     """
     step = record.steps[name]
     if step.settled or dispatch < step.dispatch:
-        return Transition(record.id, record.label, step=step, decision=SKIP)
+        return _unchanged(record, decision=SKIP, dispatch=step.dispatch)
     if record.cancel_requested:
         return _cancel_at_gate(record, step, WORKFLOW_CANCELLED, None)
     deps = [record.steps[d] for d in step.deps]
@@ -353,12 +363,12 @@ def begin(record: WorkflowRecord, name: str, dispatch: int) -> Transition:
         # Normally cascaded when the dependency settled; reached only by a stray message.
         return _cancel_at_gate(record, step, _cascade_reason(record, blocking), blocking.origin)
     if not all(d.settled for d in deps):
-        out = _applied(record, step, decision=SNOOZE)
+        out = _applied(record, decision=SNOOZE, dispatch=step.dispatch)
         _emit(record, out, step, SNOOZED)
         return out
-    out = _applied(record, step, decision=RUN)
-    step.state = EXECUTING
     step.dispatch = max(step.dispatch, dispatch)
+    out = _applied(record, decision=RUN, dispatch=step.dispatch)
+    step.state = EXECUTING
     step.attempt += 1
     step.error = None
     _emit(record, out, step, EXECUTING)
@@ -370,8 +380,8 @@ def mark_retrying(record: WorkflowRecord, name: str, error: str | None) -> Trans
     (a stale report)."""
     step = record.steps[name]
     if step.state != EXECUTING:
-        return Transition(record.id, record.label, step=step)
-    out = _applied(record, step)
+        return _unchanged(record)
+    out = _applied(record)
     step.state = RETRYABLE
     step.error = error
     _emit(record, out, step, RETRYABLE)
@@ -393,8 +403,8 @@ def settle(
         raise ValueError(f"not a terminal state: {state!r}")
     step = record.steps[name]
     if step.settled:
-        return Transition(record.id, record.label, step=step)
-    out = _applied(record, step)
+        return _unchanged(record)
+    out = _applied(record)
     step.state = state
     step.has_result = has_result
     step.result = result
@@ -413,7 +423,7 @@ def settle_stuck(record: WorkflowRecord, name: str, seq: int, error: str) -> Tra
     settled) wins: then nothing changes and ``applied`` is False."""
     step = record.steps[name]
     if step.settled or step.seq != seq:
-        return Transition(record.id, record.label, step=step)
+        return _unchanged(record)
     return settle(record, name, DISCARDED, error=error)
 
 
@@ -421,12 +431,14 @@ def cancel(record: WorkflowRecord) -> Transition:
     """Cancel the workflow: steps that have not started are cancelled now; running ones
     finish (their dependents will not be released); the finish is claimed once all settle."""
     if record.finished or record.cancel_requested:
-        return Transition(record.id, record.label)
+        return _unchanged(record)
     out = _applied(record)
     record.cancel_requested = True
     for step in record.steps.values():
         if step.state == PENDING:
             _fail(step, CANCELLED, WORKFLOW_CANCELLED, None)
-            out.cancelled.append(_emit(record, out, step, CANCELLED))
+            _emit(record, out, step, CANCELLED)
+            if step.dispatch:
+                out.revoke.append(step.job_id)
     _claim_finish(record, out)
     return out

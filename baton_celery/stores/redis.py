@@ -8,21 +8,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ..events import Event
-from .base import Store, StoreError, UnknownWorkflow
-from .records import RUN, SKIP, SNOOZE, TERMINAL, Transition, WorkflowRecord, WorkflowSummary
+from ..process import process_token
+from .base import Store, StoreError, UnknownWorkflow, check_query, matches
+from .records import RUNNING, TERMINAL, Transition, WorkflowRecord, WorkflowSummary
 from .redis_clients import client_from_url, is_cluster, with_timeout
 from .redis_scripts import (
     SCRIPTS,
+    decode_event,
+    decode_record,
     decode_transition,
     encode_workflow,
     evaluate,
     flag,
-    step_record,
     text,
 )
 
@@ -32,9 +33,13 @@ logger = logging.getLogger(__name__)
 
 SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 CLEANUP_FAILED = (
-    "baton_celery: workflow %s finished, but its index entries could not be cleaned up "
+    "baton_celery: workflow %s finished, but its index entries could not be updated "
     "(%s); the backstop sweep will retry"
 )
+#: How many index entries one :meth:`RedisStore.workflows` call reads at the most.
+SCAN_LIMIT = 20_000
+#: Index entries read per round trip.
+SCAN_BATCH = 500
 
 
 class RedisStore(Store):
@@ -54,22 +59,34 @@ class RedisStore(Store):
     have run. A ready client keeps its own retry policy.
 
     A workflow is not one blob but a few small keys, so a transition reads and writes only
-    the step it is about, the dependents it releases or cancels, and two counters::
+    the step it is about, the dependents it releases or cancels, and the counters::
 
-        baton:{<workflow id>}:meta        hash: label, created, cancel, seq, out, n, outcome, fin
-        baton:{<workflow id>}:steps       list: step names, in the order they were added
-        baton:{<workflow id>}:jobs        list: their Celery task ids, same order
-        baton:{<workflow id>}:failed      sorted set: failed steps, scored by position
-        baton:{<workflow id>}:s:<step>    hash: one step (state, attempt, seq, deps, ...)
-        baton:live                        sorted set: unfinished workflows by creation time
-        baton:job:<task id>               string: [workflow id, step], for ``locate``
+        baton:{<id>}:m          hash: label, created, cancel, seq, out, n, outcome, fin, upd
+        baton:{<id>}:s:<step>   hash: one step's small fields (STEP_FIELDS)
+        baton:{<id>}:sig        hash: step -> its signature (JSON)
+        baton:{<id>}:deps       hash: step -> its dependencies (JSON list), when it has any
+        baton:{<id>}:kids       hash: step -> its dependents (JSON list), when it has any
+        baton:{<id>}:res        hash: step -> its result (JSON), when stored
+        baton:{<id>}:steps      list: step names, in the order they were added
+        baton:{<id>}:jobs       list: their Celery task ids, same order
+        baton:{<id>}:failed     sorted set: failed steps, scored by position
+        baton:{<id>}:ev         list: the history, one event per entry, in order
+        baton:{<id>}:ann        hash: annotations
+        baton:index             sorted set: every workflow, by creation time
+        baton:live              sorted set: unfinished workflows, by creation time
+        baton:done              sorted set: finished workflows, by finish time
+        baton:job:<task id>     string: [workflow id, step], for ``locate``
 
     ``out`` counts the steps that have not settled (the finish is claimed when it reaches
     0) and each step's ``rem`` the dependencies it still waits for (released at 0). Every
     key of one workflow carries the hash tag ``{<workflow id>}``: a script never crosses a
-    cluster slot. The two global keys are written next to the scripts (inside them on a
-    single Redis, in the same call on a cluster). Once a workflow finished, all its keys
-    expire after the retention.
+    cluster slot. The global keys are written inside the scripts on a single Redis, next
+    to them on a cluster. Once a workflow finished, all its keys expire after the
+    retention, and the index forgets it.
+
+    With :attr:`channel` set, each transition also publishes the events it made there
+    (one message per transition, from inside the script: no second round trip): the
+    store's live feed, which :mod:`baton_celery.listener` follows.
     """
 
     shared_across_processes = True
@@ -96,6 +113,8 @@ class RedisStore(Store):
         self._owns_client = owns_client
         self.cluster = is_cluster(client)
         self._loaded: set[str] = set()  # the scripts this store's client has run once
+        # The transitions publish their events on ``channel`` once it is set to this.
+        self.feed_channel = f"{key_prefix}:events"
 
     # --- construction ----------------------------------------------------------------
 
@@ -113,13 +132,14 @@ class RedisStore(Store):
         in). Connections other threads are using stay open; the store remains usable."""
         if not self._owns_client:
             return
-        if self.cluster:
-            nodes = self.client.get_nodes()
-            pools = [n.redis_connection.connection_pool for n in nodes if n.redis_connection]
-        else:
-            pools = [self.client.connection_pool]
-        for pool in pools:
+        for pool in self._pools():
             pool.disconnect(inuse_connections=False)
+
+    def _pools(self) -> list[Any]:
+        if not self.cluster:
+            return [self.client.connection_pool]
+        nodes = self.client.get_nodes()
+        return [n.redis_connection.connection_pool for n in nodes if n.redis_connection]
 
     # --- keys and calls --------------------------------------------------------------
 
@@ -129,28 +149,41 @@ class RedisStore(Store):
     def _global(self, key: str) -> str:
         return f"{self.key_prefix}:{key}"
 
-    def _call(self, script: str, workflow_id: str, *args: Any) -> Any:
-        """Run one script (``lua/<script>.lua``) for one workflow."""
+    def _errors(self) -> Any:
         import redis
 
+        return redis.RedisError
+
+    def _run(self, script: str, workflow_id: str, *args: Any) -> Any:
+        """Run one script (``lua/<script>.lua``) for one workflow; errors as StoreError."""
         base = self._base(workflow_id)
-        argv = (
-            base,
-            repr(time.time()),
-            self._retention_ms(),
-            "" if self.cluster else self._global(""),
-            workflow_id,
-            *args,
-        )
         try:
-            return evaluate(self.client, SCRIPTS[script], self._loaded, base + "meta", *argv)
-        except redis.RedisError as exc:
+            return evaluate(self.client, SCRIPTS[script], self._loaded, base + "m", base, *args)
+        except self._errors() as exc:
             raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
 
+    def _transition(
+        self, script: str, workflow_id: str, step: str | None, *args: Any
+    ) -> Transition:
+        """Run a transition script; its reply as a Transition (index kept on a cluster)."""
+        glob = "" if self.cluster else self._global("")
+        reply = self._checked(
+            self._run(script, workflow_id, glob, workflow_id, self._retention_ms(),
+                      self.channel, process_token() if self.channel else "", *args),
+            workflow_id,
+            step,
+        )  # fmt: skip
+        out, jobs = decode_transition(workflow_id, reply)
+        if out.finish is not None and self.cluster:
+            try:
+                self._index_finish(workflow_id, out.finish.finished_at, jobs)
+            except StoreError as exc:
+                # The finish is committed and must still be announced.
+                logger.warning(CLEANUP_FAILED, workflow_id, exc)
+        return out
+
     def _checked(self, reply: Any, workflow_id: str, step: str | None = None) -> Any:
-        if isinstance(reply, (str, bytes)):  # the transitions answer in one JSON string
-            reply = json.loads(reply)
-        status = text(reply[0])
+        status = text(reply[0]) if isinstance(reply, list) and reply else None
         if status == "unknown":
             raise UnknownWorkflow(workflow_id)
         if status == "nostep":
@@ -160,22 +193,22 @@ class RedisStore(Store):
     def _retention_ms(self) -> int:
         return -1 if self.retention < 0 else max(1, math.ceil(self.retention * 1000))
 
-    # --- the contract ----------------------------------------------------------------
+    # --- the contract: writing -------------------------------------------------------
 
     def create(self, record: WorkflowRecord) -> None:
-        import redis
-
         meta, steps = encode_workflow(record)
-        base = self._base(record.id)
-        argv = [base, "", "", "" if self.cluster else self._global(""), record.id,
-                repr(record.created_at), meta, *steps]  # fmt: skip
-        live = self._global("live")
+        glob = "" if self.cluster else self._global("")
         try:
             if self.cluster:
                 # Index first: an entry whose workflow never got stored is dropped by the
                 # backstop; a stored workflow missing from the index would never be swept.
-                self.client.zadd(live, {record.id: record.created_at}, nx=True)
-            created = evaluate(self.client, SCRIPTS["create"], self._loaded, base + "meta", *argv)
+                pipe = self.client.pipeline(transaction=False)
+                pipe.zadd(self._global("live"), {record.id: record.created_at}, nx=True)
+                pipe.zadd(self._global("index"), {record.id: record.created_at}, nx=True)
+                pipe.execute()
+            created = self._run(
+                "create", record.id, glob, record.id, repr(record.created_at), meta, *steps
+            )
             if not created:
                 raise ValueError(f"workflow {record.id!r} already exists")
             if self.cluster:
@@ -183,50 +216,15 @@ class RedisStore(Store):
                 for step in record.steps.values():
                     pipe.set(self._global(f"job:{step.job_id}"), json.dumps([record.id, step.name]))
                 pipe.execute()
-        except redis.RedisError as exc:
+        except self._errors() as exc:
             raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
-
-    def load(self, workflow_id: str) -> WorkflowRecord:
-        reply = self._checked(self._call("load", workflow_id), workflow_id)
-        flat = [text(v) for v in reply[1]]
-        meta = dict(zip(flat[0::2], flat[1::2]))
-        steps = [step_record(values) for values in reply[2]]
-        return WorkflowRecord(
-            id=workflow_id,
-            label=meta.get("label"),
-            steps={s.name: s for s in steps},
-            created_at=float(meta["created"]),
-            cancel_requested=meta.get("cancel") == "1",
-            outcome=meta.get("outcome"),
-            finished_at=float(meta["fin"]) if "fin" in meta else None,
-            seq=int(meta["seq"]),
-        )
-
-    def locate(self, job_id: str) -> tuple[str, str] | None:
-        import redis
-
-        try:
-            raw = self.client.get(self._global(f"job:{job_id}"))
-        except redis.RedisError as exc:
-            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
-        if raw is None:
-            return None
-        workflow_id, step = json.loads(raw)
-        return workflow_id, step
 
     def begin(self, workflow_id: str, step: str, dispatch: int) -> Transition:
-        reply = self._checked(self._call("begin", workflow_id, step, dispatch), workflow_id, step)
-        out = self._transition(workflow_id, reply[1])
-        out.decision = {"run": RUN, "snooze": SNOOZE, "skip": SKIP}[text(reply[0])]
-        return out
+        return self._transition("begin", workflow_id, step, step, dispatch)
 
     def retrying(self, workflow_id: str, step: str, error: str | None) -> Transition:
-        reply = self._checked(
-            self._call("retrying", workflow_id, step, flag(error is not None), error or ""),
-            workflow_id,
-            step,
-        )
-        return self._transition(workflow_id, reply[1])
+        args = (step, flag(error is not None), error or "")
+        return self._transition("retrying", workflow_id, step, *args)
 
     def settle(
         self,
@@ -256,18 +254,38 @@ class RedisStore(Store):
         if state not in TERMINAL:
             raise ValueError(f"not a terminal state: {state!r}")
         encoded = "" if result is None else json.dumps(result)
-        args = (state, flag(has_result), flag(result is not None), encoded,
+        args = (step, state, flag(has_result), flag(result is not None), encoded,
                 flag(error is not None), error or "", expect_seq)  # fmt: skip
-        reply = self._checked(self._call("settle", workflow_id, step, *args), workflow_id, step)
-        return self._transition(workflow_id, reply[1])
+        return self._transition("settle", workflow_id, step, *args)
 
     def cancel(self, workflow_id: str) -> Transition:
-        reply = self._checked(self._call("cancel", workflow_id), workflow_id)
-        return self._transition(workflow_id, reply[1])
+        return self._transition("cancel", workflow_id, None)
+
+    def annotate(self, workflow_id: str, values: Mapping[str, str]) -> None:
+        pairs = [item for kv in values.items() for item in kv]
+        if pairs and not self._run("annotate", workflow_id, *pairs):
+            raise UnknownWorkflow(workflow_id)
+
+    # --- the contract: reading -------------------------------------------------------
+
+    def load(self, workflow_id: str) -> WorkflowRecord:
+        return decode_record(
+            workflow_id, self._checked(self._run("load", workflow_id), workflow_id)
+        )
+
+    def locate(self, job_id: str) -> tuple[str, str] | None:
+        try:
+            raw = self.client.get(self._global(f"job:{job_id}"))
+        except self._errors() as exc:
+            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
+        if raw is None:
+            return None
+        workflow_id, step = json.loads(raw)
+        return workflow_id, step
 
     def results(self, workflow_id: str, names: Iterable[str]) -> dict[str, Any]:
         wanted = list(names)
-        reply = self._checked(self._call("results", workflow_id, *wanted), workflow_id)
+        reply = self._checked(self._run("results", workflow_id, *wanted), workflow_id)
         out = {}
         for name, (state, has_result, result) in zip(wanted, reply[1]):
             if text(state) == "completed" and text(has_result) == "1":
@@ -275,12 +293,38 @@ class RedisStore(Store):
         return out
 
     def dependency_results(self, workflow_id: str, step: str) -> dict[str, Any]:
-        reply = self._call("dependency_results", workflow_id, step)
-        pairs = self._checked(reply, workflow_id, step)[1]
-        return {name: None if text(res) is None else json.loads(res) for name, res in pairs}
+        pairs = self._checked(self._run("dependency_results", workflow_id, step), workflow_id, step)
+        return {text(name): None if res is None else json.loads(res) for name, res in pairs[1]}
 
     def history(self, workflow_id: str, after: int = 0) -> list[Event]:
-        raise NotImplementedError("the Redis store's history comes with its next scripts")
+        base = self._base(workflow_id)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hmget(base + "m", "created", "label")
+            pipe.lrange(base + "ev", max(0, after), -1)  # event n is entry n - 1
+            (created, label), raw = pipe.execute()
+        except self._errors() as exc:
+            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
+        if created is None:
+            raise UnknownWorkflow(workflow_id)
+        label = text(label)
+        return [decode_event(workflow_id, label, e) for e in raw]
+
+    def annotations(self, workflow_id: str, keys: Iterable[str]) -> dict[str, str]:
+        wanted = list(dict.fromkeys(keys))
+        base = self._base(workflow_id)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.exists(base + "m")
+            if wanted:
+                pipe.hmget(base + "ann", wanted)
+            exists, *values = pipe.execute()
+        except self._errors() as exc:
+            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
+        if not exists:
+            raise UnknownWorkflow(workflow_id)
+        found = zip(wanted, values[0]) if values else ()
+        return {k: text(v) for k, v in found if v is not None}
 
     def workflows(
         self,
@@ -291,50 +335,120 @@ class RedisStore(Store):
         state: str | None = None,
         active_since: float | None = None,
     ) -> list[WorkflowSummary]:
-        raise NotImplementedError("the Redis store's index comes with its next scripts")
+        check_query(limit, state)
+        found: list[WorkflowSummary] = []
+        for batch in self._candidates(before, state, active_since):
+            for summary in self._summaries(batch):
+                if matches(summary, before, label, state, active_since):
+                    found.append(summary)
+            if len(found) >= limit and active_since is None:
+                break
+        found.sort(key=lambda s: s.created_at, reverse=True)
+        return found[:limit]
 
-    def annotate(self, workflow_id: str, values: Mapping[str, str]) -> None:
-        raise NotImplementedError("the Redis store's annotations come with its next scripts")
+    def summary(self, workflow_id: str) -> WorkflowSummary:
+        found = self._summaries([workflow_id])
+        if not found:
+            raise UnknownWorkflow(workflow_id)
+        return found[0]
 
-    def annotations(self, workflow_id: str, keys: Iterable[str]) -> dict[str, str]:
-        raise NotImplementedError("the Redis store's annotations come with its next scripts")
+    def _candidates(
+        self, before: float | None, state: str | None, active_since: float | None
+    ) -> Iterator[list[str]]:
+        """Ids to look at, in batches: newest first from the index (or the live index for
+        running ones); with ``active_since``, every workflow running or finished since."""
+        try:
+            if active_since is not None:
+                ids = self.client.zrangebyscore(self._global("done"), active_since, "+inf")
+                ids += self.client.zrange(self._global("live"), 0, -1)
+                ids = [text(i) for i in dict.fromkeys(ids)][:SCAN_LIMIT]
+                for i in range(0, len(ids), SCAN_BATCH):
+                    yield ids[i : i + SCAN_BATCH]
+                return
+            key = self._global("live" if state == RUNNING else "index")
+            top = "+inf" if before is None else f"({before!r}"
+            for start in range(0, SCAN_LIMIT, SCAN_BATCH):
+                ids = self.client.zrevrangebyscore(key, top, "-inf", start=start, num=SCAN_BATCH)
+                if not ids:
+                    return
+                yield [text(i) for i in ids]
+        except self._errors() as exc:
+            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
+
+    def _summaries(self, ids: list[str]) -> list[WorkflowSummary]:
+        """Each id's summary, read in one round trip; ids whose keys expired are dropped
+        from the index on the way."""
+        fields = ("label", "created", "n", "out", "outcome", "fin", "seq")
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for workflow_id in ids:
+                base = self._base(workflow_id)
+                pipe.hmget(base + "m", fields)
+                pipe.zrange(base + "failed", 0, -1)
+            replies = pipe.execute()
+        except self._errors() as exc:
+            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
+        out, gone = [], []
+        for i, workflow_id in enumerate(ids):
+            label, created, n, left, outcome, fin, seq = map(text, replies[2 * i])
+            if created is None:
+                gone.append(workflow_id)
+                continue
+            out.append(
+                WorkflowSummary(
+                    id=workflow_id,
+                    label=label,
+                    state=outcome or RUNNING,
+                    created_at=float(created),
+                    finished_at=float(fin) if fin is not None else None,
+                    total=int(n),
+                    settled=int(n) - int(left),
+                    failed_steps=tuple(map(text, replies[2 * i + 1])) if outcome else (),
+                    seq=int(seq),
+                )
+            )
+        if gone:
+            self._forget(gone)
+        return out
+
+    def _forget(self, ids: list[str]) -> None:
+        """Drop ids whose keys expired from the indexes (a cleanup: failures are left
+        for the next reader)."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key in ("index", "done", "live"):
+                pipe.zrem(self._global(key), *ids)
+            pipe.execute()
+        except self._errors() as exc:
+            logger.debug("baton_celery: cleaning the workflow index failed: %s", exc)
 
     def live_workflows(self, before: float | None = None) -> list[str]:
-        import redis
-
         try:
             ids = self.client.zrangebyscore(
                 self._global("live"), "-inf", "+inf" if before is None else f"({before!r}"
             )
-        except redis.RedisError as exc:
+        except self._errors() as exc:
             raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
         return [text(i) for i in ids]
 
     def unindex(self, workflow_id: str, job_ids: Iterable[str] = ()) -> None:
         """Drop a finished (or vanished) workflow from the live index and let its job index
         entries expire with the retention."""
-        import redis
+        self._index_finish(workflow_id, None, job_ids)
 
+    def _index_finish(
+        self, workflow_id: str, finished_at: float | None, job_ids: Iterable[str]
+    ) -> None:
+        """What the finish does to the global keys (inside the script on a single Redis):
+        out of the live index, into the finished one, job index entries expiring."""
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.zrem(self._global("live"), workflow_id)
-            for job_id in job_ids:
-                key = self._global(f"job:{job_id}")
-                if self.retention < 0:
-                    continue
-                pipe.pexpire(key, self._retention_ms())
+            if finished_at is not None:
+                pipe.zadd(self._global("done"), {workflow_id: finished_at})
+            if self.retention >= 0:
+                for job_id in job_ids:
+                    pipe.pexpire(self._global(f"job:{job_id}"), self._retention_ms())
             pipe.execute()
-        except redis.RedisError as exc:
+        except self._errors() as exc:
             raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
-
-    # --- replies -----------------------------------------------------------------------
-
-    def _transition(self, workflow_id: str, raw: Sequence[Any]) -> Transition:
-        out, jobs = decode_transition(workflow_id, raw)
-        if out.finish is not None and self.cluster:
-            try:
-                self.unindex(workflow_id, jobs)
-            except StoreError as exc:
-                # The finish is committed and must still be announced.
-                logger.warning(CLEANUP_FAILED, workflow_id, exc)
-        return out

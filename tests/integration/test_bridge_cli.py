@@ -127,6 +127,20 @@ def test_watch_lines_then_status(cluster: Cluster, entry_points: Path) -> None:
         ["load", "completed", "2"],
     ]
 
+    cmd, env = celery(cluster, entry_points, "status", workflow_id, "--events")
+    done = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    history = done.stdout.split("history (7 events):\n")[1].splitlines()
+    assert [line.split()[4:6] for line in history] == events
+
+    # A watch started after the run: --since replays it, and it ends at once.
+    args = ("watch", "--lines", "--since", "10m", "--workflow", workflow_id)
+    cmd, env = celery(cluster, entry_points, *args)
+    done = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    replayed = [line.split()[3:5] for line in done.stdout.splitlines()[:-1]]
+    assert replayed == events
+
     cmd, env = celery(cluster, entry_points, "status", "no-such-workflow")
     missing = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and "no workflow no-such-workflow" in missing.stderr

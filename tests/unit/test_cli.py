@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 
+import click
 import pytest
 from celery import Celery
 from celery.bin.base import CLIContext
@@ -60,6 +62,61 @@ def test_status_prints_steps_and_outcome(app: Celery) -> None:
         ["a", "completed", "1"],
         ["b", "pending", "0"],
     ]
+
+
+def test_status_events_prints_the_history(app: Celery) -> None:
+    store = baton_celery.install(app).store
+    steps = {"a": StepRecord("a", "t", "ja", {}, dispatch=1), "b": StepRecord("b", "t", "jb", {})}
+    store.create(WorkflowRecord("wf-h", "etl", steps))
+    store.begin("wf-h", "a", 1)
+    store.settle("wf-h", "a", "discarded", error="ValueError: no")
+    store.settle("wf-h", "b", "completed")
+    args = ["status", "wf-h", "--events"]
+    result = CliRunner().invoke(baton, args, obj=CLIContext(app, True, None))
+    assert result.exit_code == 0, result.output
+    history = result.output.split("history (4 events):\n")[1].splitlines()
+    assert [line.split()[0] for line in history] == ["1", "2", "3", "4"]
+    assert [line.split()[4:6] for line in history[:3]] == [
+        ["a", "executing"], ["a", "discarded"], ["b", "completed"],
+    ]  # fmt: skip
+    assert "error='ValueError: no'" in history[1]
+    assert history[3].split()[4:6] == ["FINISHED", "failed"]
+
+
+@pytest.mark.parametrize(
+    ("text", "back"),
+    [("90s", 90), ("10m", 600), ("2h", 7200), ("1d", 86400), ("1.5m", 90)],
+)
+def test_since_takes_a_duration(text: str, back: float) -> None:
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
+    assert cli.parse_since(text, now) == now - timedelta(seconds=back)
+
+
+def test_since_takes_an_iso_time_with_an_offset() -> None:
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
+    assert cli.parse_since("2026-12-03T10:00:00Z", now) == now - timedelta(hours=2)
+    assert cli.parse_since("2026-12-03T11:00:00+01:00", now) == now - timedelta(hours=2)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("2026-12-03T10:00:00", "no UTC offset"),
+        ("2026-12-04T10:00:00Z", "in the future"),
+        ("ten minutes", "give a duration"),
+        ("10x", "give a duration"),
+    ],
+)
+def test_since_refuses_what_it_cannot_place(text: str, message: str) -> None:
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
+    with pytest.raises(click.BadParameter, match=message):
+        cli.parse_since(text, now)
+
+
+def test_watch_since_is_checked_before_anything_starts(app: Celery) -> None:
+    args = ["watch", "--since", "yesterday"]
+    result = CliRunner().invoke(baton, args, obj=CLIContext(app, True, None))
+    assert result.exit_code == 2 and "give a duration" in result.output
 
 
 def test_status_of_an_unknown_workflow_exits_2(app: Celery) -> None:

@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -70,9 +71,9 @@ def test_listener_skips_its_own_process_events(app: Celery) -> None:
     publisher = Publisher(app, Config.from_app(app))
     with Listener(app, deliver=got.append) as listener:
         assert listener.wait_ready(5)
-        publisher.publish(step("w", "a"))  # inline: sent when this returns
+        publisher.publish(replace(step("w", "a"), seq=1))  # inline: sent when this returns
         # A foreign message after ours: when it is delivered, ours was handled before.
-        marker = step("other", "m")
+        marker = replace(step("other", "m"), seq=1)
         body = {"v": 1, "seq": 1, "origin": "x", "event": marker.to_dict()}
         seen = threading.Event()
 
@@ -108,18 +109,18 @@ def test_an_outage_logs_one_traceback_not_a_line_per_attempt(
     monkeypatch.setattr(listener_module, "RECONNECT_MAX", 0.001)
     listener = Listener(app)
 
-    def refused() -> None:
+    def refused(_: Any) -> None:
         if listener.reconnects >= 20:
             listener._stop.set()
         raise ConnectionRefusedError("the broker is down")
 
-    monkeypatch.setattr(listener, "_consume", refused)
+    monkeypatch.setattr(listener, "_feed", lambda: SimpleNamespace(run=refused))
     with caplog.at_level(logging.WARNING, "baton_celery.listener"):
         listener.start()
         assert listener._thread is not None
         listener._thread.join(5)
     assert listener.reconnects == 20
-    [record] = [r for r in caplog.records if "lost its broker connection" in r.getMessage()]
+    [record] = [r for r in caplog.records if "lost its connection" in r.getMessage()]
     assert record.exc_info is not None
 
 
@@ -131,14 +132,14 @@ def test_the_back_off_starts_again_after_a_good_connection(
     waits: list[float] = []
     listener._connection_lost = lambda message, exc, backoff: waits.append(backoff)  # type: ignore[assignment]
 
-    def consume() -> None:
+    def consume(_: Any) -> None:
         if len(waits) == 3:
             listener.connections += 1  # this attempt got through, then the broker went
         if len(waits) == 5:
             listener._stop.set()
         raise ConnectionResetError("gone")
 
-    monkeypatch.setattr(listener, "_consume", consume)
+    monkeypatch.setattr(listener, "_feed", lambda: SimpleNamespace(run=consume))
     listener.start()
     assert listener._thread is not None
     listener._thread.join(5)

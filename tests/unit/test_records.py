@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from baton_celery.events import StepUpdated
 from baton_celery.stores import records
 from baton_celery.stores.records import (
     PENDING,
@@ -15,6 +16,7 @@ from baton_celery.stores.records import (
     SKIP,
     SNOOZE,
     StepRecord,
+    Transition,
     WorkflowRecord,
     begin,
     cancel,
@@ -46,6 +48,18 @@ def make_record(
     return WorkflowRecord(workflow_id, label, made)
 
 
+def own(out: Transition) -> StepUpdated:
+    """The event of the step a transition is about: its first."""
+    event = out.events[0]
+    assert isinstance(event, StepUpdated)
+    return event
+
+
+def cascade(out: Transition) -> list[str]:
+    """The steps a step's transition cancelled after its own event, in order."""
+    return [e.step_name for e in out.events[1:] if isinstance(e, StepUpdated)]
+
+
 def run(record: WorkflowRecord, name: str) -> None:
     """Begin a released step and complete it."""
     gate = begin(record, name, record.steps[name].dispatch)
@@ -60,10 +74,11 @@ def test_begin_runs_a_root_and_counts_the_first_attempt() -> None:
     record = make_record(("a", ()))
     gate = begin(record, "a", 1)
     assert gate.decision == RUN
-    assert gate.applied and not gate.cancelled and gate.finish is None
+    assert gate.applied and cascade(gate) == [] and gate.finish is None
     step = record.steps["a"]
     assert (step.state, step.attempt, step.dispatch) == ("executing", 1, 1)
-    assert gate.step is step
+    assert (own(gate).step_name, own(gate).state, own(gate).attempt) == ("a", "executing", 1)
+    assert gate.dispatch == 1
 
 
 def test_begin_counts_every_attempt_and_clears_the_last_error() -> None:
@@ -103,7 +118,7 @@ def test_begin_skips_a_settled_step() -> None:
     run(record, "a")
     gate = begin(record, "a", 1)
     assert gate.decision == SKIP
-    assert not gate.applied and gate.step_state is None
+    assert not gate.applied and gate.events == []
     assert record.steps["a"].attempt == 1
     assert record.steps["a"].state == "completed"
 
@@ -134,7 +149,7 @@ def test_begin_cancels_a_stray_message_whose_dependency_failed() -> None:
     record = make_record(("a", ()), ("b", ("a",)), ("c", ("b",)))
     begin(record, "a", 1)
     out = settle(record, "a", "discarded", error="E: a")
-    assert [s.name for s in out.cancelled] == ["b", "c"]
+    assert cascade(out) == ["b", "c"]
     # A message for b arriving anyway is skipped: b is settled.
     assert begin(record, "b", 1).decision == SKIP
 
@@ -146,15 +161,15 @@ def test_begin_cancels_at_the_gate_when_a_dependency_blocks() -> None:
     record.steps["b"].dispatch = 1  # published early (stray)
     begin(record, "a", 1)
     out = settle(record, "a", "discarded", error="E: a")
-    assert out.cancelled == []  # b was already published: left to its gate
+    assert cascade(out) == []  # b was already published: left to its gate
     gate = begin(record, "b", 1)
     assert gate.decision == SKIP
     assert gate.applied
-    assert gate.step is not None and gate.step.name == "b"
+    assert (own(gate).step_name, own(gate).state) == ("b", "cancelled")
     assert record.steps["b"].state == "cancelled"
     assert record.steps["b"].error is not None and "'a'" in record.steps["b"].error
     assert record.steps["b"].origin == "a"
-    assert [s.name for s in gate.cancelled] == ["c"]
+    assert cascade(gate) == ["c"]
     assert gate.finish is not None
     assert gate.finish.failed_steps == ("a", "b", "c")
 
@@ -187,7 +202,7 @@ def test_settle_records_the_result_and_claims_the_finish() -> None:
     out = settle(record, "a", "completed", has_result=True, result={"rows": 3})
     assert out.applied
     assert (out.workflow_id, out.workflow_label) == ("wf-9", "one")
-    assert out.step is not None and out.step.state == "completed"
+    assert (own(out).step_name, own(out).state, own(out).has_result) == ("a", "completed", True)
     step = record.steps["a"]
     assert (step.has_result, step.result, step.error) == (True, {"rows": 3}, None)
     assert out.finish is not None
@@ -207,7 +222,7 @@ def test_settle_applies_once_only() -> None:
     assert first.applied
     again = settle(record, "a", "discarded", error="late failure")
     assert not again.applied
-    assert again.released == [] and again.cancelled == [] and again.finish is None
+    assert again.released == [] and again.events == [] and again.finish is None
     assert record.steps["a"].state == "completed"
     assert record.steps["a"].result == 1
     assert record.steps["a"].error is None
@@ -250,7 +265,7 @@ def test_failure_cascades_transitively_naming_the_dependency_and_the_origin() ->
     begin(record, "a", 1)
     out = settle(record, "a", "discarded", error="ValueError: bad input")
     assert out.applied
-    assert [s.name for s in out.cancelled] == ["b", "c", "d"]
+    assert cascade(out) == ["b", "c", "d"]
     assert out.released == []
     assert record.steps["a"].state == "discarded"
     assert record.steps["a"].error == "ValueError: bad input"
@@ -275,7 +290,7 @@ def test_failure_cascades_transitively_naming_the_dependency_and_the_origin() ->
 def test_cancelled_origin_propagates_from_a_revoked_step() -> None:
     record = make_record(("a", ()), ("b", ("a",)), ("c", ("b",)))
     out = settle(record, "a", "cancelled", error="revoked")
-    assert [s.name for s in out.cancelled] == ["b", "c"]
+    assert cascade(out) == ["b", "c"]
     assert record.steps["c"].error == "dependency 'b' was cancelled (failure began at 'a')"
     assert out.finish is not None and out.finish.failed_steps == ("a", "b", "c")
 
@@ -290,7 +305,7 @@ def test_ignore_discarded_counts_a_discarded_dependency_as_satisfied() -> None:
     begin(record, "a", 1)
     out = settle(record, "a", "discarded", error="E")
     assert [s.name for s in out.released] == ["tolerant"]
-    assert [s.name for s in out.cancelled] == ["strict", "wrong_flag"]
+    assert cascade(out) == ["strict", "wrong_flag"]
     assert begin(record, "tolerant", 1).decision == RUN
 
 
@@ -303,7 +318,7 @@ def test_ignore_cancelled_counts_a_cancelled_dependency_as_satisfied() -> None:
     )
     begin(record, "a", 1)
     out = settle(record, "a", "discarded", error="E")
-    assert [s.name for s in out.cancelled] == ["b", "wrong_flag"]
+    assert cascade(out) == ["b", "wrong_flag"]
     assert [s.name for s in out.released] == ["tolerant"]
     assert record.steps["tolerant"].state == PENDING
     assert record.steps["tolerant"].dispatch == 1
@@ -312,7 +327,7 @@ def test_ignore_cancelled_counts_a_cancelled_dependency_as_satisfied() -> None:
 def test_an_ignore_flag_still_waits_for_the_other_dependencies() -> None:
     record = make_record(("a", ()), ("slow", ()), ("c", ("a", "slow"), {"ignore_discarded": True}))
     out = settle(record, "a", "discarded", error="E")
-    assert out.released == [] and out.cancelled == []
+    assert out.released == [] and cascade(out) == []
     assert record.steps["c"].dispatch == 0
     assert begin(record, "c", 0).decision == SNOOZE
     out = settle(record, "slow", "completed")
@@ -323,7 +338,7 @@ def test_an_ignore_flag_does_not_excuse_another_failed_dependency() -> None:
     record = make_record(("a", ()), ("x", ()), ("c", ("a", "x"), {"ignore_cancelled": True}))
     settle(record, "a", "cancelled", error="revoked")
     out = settle(record, "x", "discarded", error="E: x")
-    assert [s.name for s in out.cancelled] == ["c"]
+    assert cascade(out) == ["c"]
     assert record.steps["c"].error == "dependency 'x' was discarded (failure began at 'x')"
 
 
@@ -368,9 +383,8 @@ def test_mark_retrying_records_the_error_of_a_running_step() -> None:
     record = make_record(("a", ()))
     begin(record, "a", 1)
     out = mark_retrying(record, "a", "ValueError: once")
-    assert out.applied and out.step_state == "retryable"
-    step = out.step
-    assert step is record.steps["a"]
+    assert out.applied and own(out).state == "retryable" and own(out).error == "ValueError: once"
+    step = record.steps["a"]
     assert (step.state, step.error, step.attempt) == ("retryable", "ValueError: once", 1)
 
 
@@ -395,7 +409,8 @@ def test_cancel_cancels_pending_steps_and_lets_running_ones_finish() -> None:
     out = cancel(record)
     assert out.applied
     assert record.cancel_requested
-    assert [s.name for s in out.cancelled] == ["queued", "b"]
+    assert [e.step_name for e in out.events] == ["queued", "b"]
+    assert out.revoke == [record.steps["queued"].job_id]  # published: revoke it
     for name in ("queued", "b"):
         assert record.steps[name].state == "cancelled"
         assert record.steps[name].error == records.WORKFLOW_CANCELLED
@@ -433,7 +448,7 @@ def test_cancel_twice_or_after_finish_applies_nothing() -> None:
     begin(record, "a", 1)
     assert cancel(record).applied
     again = cancel(record)
-    assert not again.applied and again.cancelled == [] and again.finish is None
+    assert not again.applied and again.events == [] and again.finish is None
     finished = make_record(("a", ()))
     settle(finished, "a", "completed")
     late = cancel(finished)
@@ -466,18 +481,14 @@ def test_every_event_gets_the_next_number_in_emission_order() -> None:
     (a skip, a duplicate settle, a stale retry) use no number."""
     record = make_record(("a", ()), ("b", ("a",)), ("c", ("b",)), ("d", ()))
     seen: list[int] = []
-    seen.append(begin(record, "a", 1).step.seq)  # executing
-    retrying = mark_retrying(record, "a", "E: once")
-    assert retrying.step is not None
-    seen.append(retrying.step.seq)  # retryable
-    seen.append(begin(record, "a", 1).step.seq)  # executing again
+    seen.append(own(begin(record, "a", 1)).seq)  # executing
+    seen.append(own(mark_retrying(record, "a", "E: once")).seq)  # retryable
+    seen.append(own(begin(record, "a", 1)).seq)  # executing again
     gate = begin(record, "b", 0)
     assert gate.decision == SNOOZE
-    seen.append(gate.step.seq)  # snoozed
+    seen.append(own(gate).seq)  # snoozed
     out = settle(record, "a", "discarded", error="E: again")
-    assert out.step is not None
-    seen.append(out.step.seq)  # discarded
-    seen.extend(s.seq for s in out.cancelled)  # b, c cancelled, in cascade order
+    seen.extend(e.seq for e in out.events)  # discarded; b, c cancelled, in cascade order
     assert seen == [1, 2, 3, 4, 5, 6, 7]
     assert record.seq == 7
 
@@ -486,9 +497,9 @@ def test_every_event_gets_the_next_number_in_emission_order() -> None:
     assert not mark_retrying(record, "b", "stale").applied
     assert record.seq == 7  # none of these is an event
 
-    assert begin(record, "d", 1).step.seq == 8
+    assert own(begin(record, "d", 1)).seq == 8
     fin = settle(record, "d", "completed")
-    assert fin.step is not None and fin.step.seq == 9
+    assert own(fin).seq == 9 and fin.events[-1].seq == 10
     assert fin.finish is not None and fin.finish.seq == 10
     assert record.seq == 10
 
@@ -497,9 +508,9 @@ def test_cancel_numbers_each_cancelled_step_then_the_finish() -> None:
     record = make_record(("a", ()), ("b", ()), ("c", ("a",)))
     begin(record, "a", 1)
     out = cancel(record)
-    assert [(s.name, s.seq) for s in out.cancelled] == [("b", 2), ("c", 3)]
+    assert [(e.step_name, e.seq) for e in out.events] == [("b", 2), ("c", 3)]
     done = settle(record, "a", "completed")
-    assert done.step is not None and done.step.seq == 4
+    assert own(done).seq == 4
     assert done.finish is not None and done.finish.seq == 5
 
 
@@ -509,4 +520,4 @@ def test_event_numbers_survive_the_json_round_trip() -> None:
     back = WorkflowRecord.from_json(record.to_json())
     assert back.seq == 1
     assert back.steps["a"].seq == 1
-    assert begin(back, "b", 1).step.seq == 2
+    assert own(begin(back, "b", 1)).seq == 2

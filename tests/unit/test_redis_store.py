@@ -10,6 +10,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -26,19 +27,15 @@ from redis_servers import (
 )
 
 import baton_celery
+from baton_celery.events import StepUpdated, WorkflowFinished
 from baton_celery.stores import Store, StoreError, UnknownWorkflow, store_from_url
 from baton_celery.stores.memory import MemoryStore
 from baton_celery.stores.records import StepRecord, Transition, WorkflowRecord
 from baton_celery.stores.redis import RedisStore
-from baton_celery.stores.redis_scripts import (
-    SCRIPT_FIELDS,
-    SCRIPTS,
-    STEP_FIELDS,
-    WITH_PRELUDE,
-    text,
-)
+from baton_celery.stores.redis_scripts import SCRIPTS, STEP_FIELDS, TRANSITIONS, text
 
 BACKENDS = ["single", "cluster"]
+EPOCH = datetime.fromtimestamp(0, timezone.utc)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -95,16 +92,19 @@ def view(value: Any) -> Any:
         data = dataclasses.asdict(value)
         data.pop("updated_at")
         return data
+    if isinstance(value, (StepUpdated, WorkflowFinished)):
+        return dataclasses.replace(value, timestamp=EPOCH)
     if isinstance(value, Transition):
         finish = value.finish
         return (
             value.decision,
+            value.dispatch,
             value.workflow_id,
             value.workflow_label,
             value.applied,
-            view(value.step),
-            [view(s) for s in value.released],
-            [view(s) for s in value.cancelled],
+            [view(e) for e in value.events],
+            value.released,
+            value.revoke,
             None
             if finish is None
             else (finish.outcome, finish.failed_steps, finish.total_count, finish.seq),
@@ -192,22 +192,24 @@ def test_every_event_number_is_used_once_in_order(redis_store: RedisStore) -> No
     steps["last"] = StepRecord("last", "t", "j-last", {}, deps=tuple(f"mid{i}" for i in range(5)))
     record = WorkflowRecord(f"wf-{uuid.uuid4()}", None, steps)
     redis_store.create(record)
-    seqs = [redis_store.begin(record.id, "root", 1).step.seq]
+    seqs = [e.seq for e in redis_store.begin(record.id, "root", 1).events]
     out = redis_store.settle(record.id, "root", "completed")
-    seqs.append(out.step.seq if out.step else -1)
+    seqs += [e.seq for e in out.events]
     assert [s.name for s in out.released] == [f"mid{i}" for i in range(5)]
     for i in range(5):
-        seqs.append(redis_store.begin(record.id, f"mid{i}", 1).step.seq)
+        seqs += [e.seq for e in redis_store.begin(record.id, f"mid{i}", 1).events]
     first = redis_store.settle(record.id, "mid0", "discarded", error="E")
-    assert first.step is not None and [s.name for s in first.cancelled] == ["last"]
-    seqs += [first.step.seq, first.cancelled[0].seq]
+    assert [(e.step_name, e.state) for e in first.events] == [
+        ("mid0", "discarded"), ("last", "cancelled")
+    ]  # fmt: skip
+    seqs += [e.seq for e in first.events]
     for i in range(1, 4):
-        done = redis_store.settle(record.id, f"mid{i}", "discarded", error="E")
-        seqs.append(done.step.seq if done.step else -1)
+        seqs += [e.seq for e in redis_store.settle(record.id, f"mid{i}", "discarded").events]
     last = redis_store.settle(record.id, "mid4", "completed")
-    assert last.step is not None and last.finish is not None
-    seqs += [last.step.seq, last.finish.seq]
-    assert seqs == list(range(1, len(seqs) + 1))
+    assert last.finish is not None
+    seqs += [e.seq for e in last.events]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) == 14
+    assert redis_store.history(record.id)[-1].seq == 14
     assert redis_store.load(record.id).steps["last"].error == (
         "dependency 'mid0' was discarded (failure began at 'mid0')"
     )
@@ -236,7 +238,8 @@ def test_keys_share_one_slot_and_expire_only_once_finished(redis_store: RedisSto
     record = flat_record(4)
     redis_store.create(record)
     keys = workflow_keys(redis_store, record.id)
-    assert len(keys) == 4 + 3  # the step hashes, meta, steps, jobs (no failure yet)
+    # the step hashes, meta, signatures, steps, jobs (no dependencies, no failure yet)
+    assert len(keys) == 4 + 4
     if redis_store.cluster:
         assert len({redis_store.client.keyslot(k) for k in keys}) == 1
     assert all(redis_store.client.ttl(k) == -1 for k in keys)  # live: kept
@@ -247,7 +250,8 @@ def test_keys_share_one_slot_and_expire_only_once_finished(redis_store: RedisSto
     out = redis_store.settle(record.id, "s3", "discarded", error="E")
     assert out.finish is not None
     keys = workflow_keys(redis_store, record.id)
-    assert len(keys) == 4 + 4  # and the failed set
+    assert len(keys) == 4 + 6  # and the failed set, the history
+    assert {k.rsplit(":", 1)[1] for k in keys} >= {"m", "sig", "steps", "jobs", "failed", "ev"}
     assert all(0 < redis_store.client.ttl(k) <= 60 for k in keys)
     job = redis_store._global(f"job:{record.steps['s0'].job_id}")
     assert 0 < redis_store.client.ttl(job) <= 60
@@ -256,15 +260,17 @@ def test_keys_share_one_slot_and_expire_only_once_finished(redis_store: RedisSto
 
 
 def test_a_step_hash_holds_the_fields_the_scripts_know(redis_store: RedisStore) -> None:
-    """The Lua field positions are made from STEP_FIELDS and SCRIPT_FIELDS: the hash that
-    create writes must hold those fields and no other."""
+    """The Lua field positions are made from STEP_FIELDS: the hash that create writes
+    must hold those fields and no other (an error, an origin once it has one)."""
     wid = f"wf-{uuid.uuid4()}"
     step = StepRecord("a", "t", f"{wid}/a", {}, has_result=True, result=[1], error="E",
                       origin="a", state="completed")  # fmt: skip
     redis_store.create(WorkflowRecord(wid, None, {"a": step}))
     fields = redis_store.client.hkeys(f"{redis_store._base(wid)}s:a")
-    assert sorted(text(f) for f in fields) == sorted(STEP_FIELDS + SCRIPT_FIELDS)
-    assert set(SCRIPTS) == {"create", *WITH_PRELUDE}
+    assert sorted(text(f) for f in fields) == sorted(STEP_FIELDS)
+    loaded = redis_store.load(wid).steps["a"]
+    assert (loaded.result, loaded.error, loaded.origin) == ([1], "E", "a")
+    assert set(TRANSITIONS) <= set(SCRIPTS)
 
 
 def test_retention_removes_a_finished_workflow(redis_store: RedisStore) -> None:
@@ -297,13 +303,14 @@ def test_live_workflows_before_a_time(redis_store: RedisStore) -> None:
 def test_settle_stuck_loses_to_progress(redis_store: RedisStore) -> None:
     record = flat_record(2)
     redis_store.create(record)
-    seen = redis_store.begin(record.id, "s0", 1).step.seq
+    seen = redis_store.begin(record.id, "s0", 1).events[0].seq
     redis_store.retrying(record.id, "s0", "E")  # progress since the sweep looked
     assert not redis_store.settle_stuck(record.id, "s0", seen, "stuck").applied
     step = redis_store.load(record.id).steps["s0"]
     out = redis_store.settle_stuck(record.id, "s0", step.seq, "no progress")
-    assert out.applied and out.step is not None
-    assert (out.step.state, out.step.error) == ("discarded", "no progress")
+    [event] = out.events
+    assert out.applied and isinstance(event, StepUpdated)
+    assert (event.state, event.error) == ("discarded", "no progress")
 
 
 # --- connections ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -123,3 +124,57 @@ def test_idle_workflows_are_forgotten(out: list[Event], clock: Clock) -> None:
     clock.now = 61.0
     reorderer.tick()
     assert not reorderer.flows
+
+
+def numbered(event: Event, seq: int) -> Event:
+    return dataclasses.replace(event, seq=seq)
+
+
+def test_a_gap_past_the_window_is_filled_from_the_store(
+    out: list[Event], clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    stored = [numbered(step("w", n), i) for i, n in enumerate("abc", 1)]
+    asked: list[tuple[str, int]] = []
+
+    def fill(workflow_id: str, after: int) -> list[Event]:
+        asked.append((workflow_id, after))
+        return [e for e in stored if e.seq > after]
+
+    reorderer = Reorderer(out.append, window=2.0, clock=clock, fill=fill)
+    reorderer.push("w", 1, stored[0])
+    reorderer.push("w", 3, stored[2])  # 2 was lost on the way
+    reorderer.tick()
+    assert out == [stored[0]] and asked == []  # within the window: wait
+    clock.now = 2.5
+    with caplog.at_level(logging.WARNING, "baton_celery.reorder"):
+        reorderer.tick()
+    assert asked == [("w", 1)]
+    assert out == stored and reorderer.gaps == 0
+    assert "never arrived" not in caplog.text
+
+
+def test_a_gap_the_store_cannot_fill_is_skipped_after_the_window(
+    out: list[Event], clock: Clock
+) -> None:
+    reorderer = Reorderer(out.append, window=2.0, clock=clock, fill=lambda w, after: [])
+    first, third = numbered(step("w", "a"), 1), numbered(step("w", "c"), 3)
+    reorderer.push("w", 1, first)
+    reorderer.push("w", 3, third)
+    clock.now = 2.5
+    reorderer.tick()
+    assert out == [first, third] and reorderer.gaps == 1
+
+
+def test_open_follows_a_workflow_from_a_later_number(
+    reorderer: Reorderer, out: list[Event]
+) -> None:
+    reorderer.open("w", 5)
+    assert reorderer.knows("w") and reorderer.next_of("w") == 5
+    fifth, fourth = step("w", "e"), step("w", "d")
+    reorderer.push("w", 4, fourth)  # before this listener's window: dropped
+    reorderer.push("w", 5, fifth)
+    assert out == [fifth]
+    reorderer.open("w", 1)  # already followed: unchanged
+    assert reorderer.next_of("w") == 6
+    reorderer.push("w", 6, finish("w"))
+    assert reorderer.knows("w") and reorderer.next_of("w") is None  # finished

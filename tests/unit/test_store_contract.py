@@ -26,8 +26,16 @@ from typing import Any, Callable
 import pytest
 from redis_servers import shared_redis_url, unique_prefix, unit_cluster  # see conftest.py
 
+from baton_celery.events import StepUpdated, WorkflowFinished
 from baton_celery.stores import Store, StoreError, UnknownWorkflow, store_from_url
-from baton_celery.stores.records import RUN, SKIP, SNOOZE, StepRecord, WorkflowRecord
+from baton_celery.stores.records import (
+    RUN,
+    SKIP,
+    SNOOZE,
+    StepRecord,
+    Transition,
+    WorkflowRecord,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +111,11 @@ def make_record(
         for name, deps in steps
     }
     return WorkflowRecord(wid, "contract", made)
+
+
+def changes(out: Transition) -> list[tuple[str, str, int]]:
+    """The step events a transition made: (step, state, attempt), in order."""
+    return [(e.step_name, e.state, e.attempt) for e in out.events if isinstance(e, StepUpdated)]
 
 
 def flat(n: int) -> WorkflowRecord:
@@ -195,15 +208,16 @@ def test_transitions_are_persisted(store: Store) -> None:
     store.create(record)
     assert store.begin(record.id, "b", 0).decision == SNOOZE
     gate = store.begin(record.id, "a", 1)
-    assert gate.decision == RUN
-    assert gate.step.attempt == 1
+    assert gate.decision == RUN and gate.dispatch == 1
+    assert changes(gate) == [("a", "executing", 1)]
     out = store.retrying(record.id, "a", "ValueError: once")
-    assert out.applied and out.step is not None and out.step.state == "retryable"
+    assert out.applied and changes(out) == [("a", "retryable", 1)]
     assert store.load(record.id).steps["a"].error == "ValueError: once"
-    assert store.begin(record.id, "a", 1).step.attempt == 2
+    assert changes(store.begin(record.id, "a", 1)) == [("a", "executing", 2)]
     out = store.settle(record.id, "a", "completed", has_result=True, result={"n": [1, 2]})
     assert out.applied
-    assert [s.name for s in out.released] == ["b"]
+    assert [(s.name, s.job_id, s.dispatch) for s in out.released] == [("b", f"{record.id}:b", 1)]
+    assert out.released[0].signature == record.steps["b"].signature
     loaded = store.load(record.id)
     assert loaded.steps["a"].state == "completed"
     assert loaded.steps["a"].attempt == 2
@@ -234,7 +248,7 @@ def test_cascade_and_failed_finish_through_the_store(store: Store) -> None:
     store.create(record)
     store.begin(record.id, "a", 1)
     out = store.settle(record.id, "a", "discarded", error="E")
-    assert [s.name for s in out.cancelled] == ["b", "c"]
+    assert changes(out) == [("a", "discarded", 1), ("b", "cancelled", 0), ("c", "cancelled", 0)]
     assert out.finish is not None
     assert out.finish.failed_steps == ("c", "b", "a")  # added order
     loaded = store.load(record.id)
@@ -248,11 +262,131 @@ def test_cancel_through_the_store(store: Store) -> None:
     store.begin(record.id, "a", 1)
     out = store.cancel(record.id)
     assert out.applied
-    assert [s.name for s in out.cancelled] == ["b"]
+    assert changes(out) == [("b", "cancelled", 0)]
+    assert out.revoke == []  # b was not published yet: nothing to revoke
     assert store.load(record.id).cancel_requested
     assert not store.cancel(record.id).applied
     fin = store.settle(record.id, "a", "completed")
     assert fin.finish is not None and fin.finish.failed_steps == ("b",)
+
+
+# --- history, index, annotations ---------------------------------------------------
+
+
+def test_history_is_every_event_the_transitions_made_in_order(store: Store) -> None:
+    record = make_record(("a", ()), ("b", ("a",)), ("c", ("b",)), ("d", ()))
+    store.create(record)
+    made: list[Any] = []
+    made += store.begin(record.id, "b", 0).events  # snoozed
+    made += store.begin(record.id, "a", 1).events
+    made += store.retrying(record.id, "a", "E: once").events
+    made += store.begin(record.id, "a", 1).events
+    made += store.settle(record.id, "a", "discarded", error="E: twice").events  # b, c cancelled
+    assert not store.settle(record.id, "a", "completed").events  # not applied: no event
+    made += store.begin(record.id, "d", 1).events
+    made += store.settle(record.id, "d", "completed", has_result=True, result=1).events
+    history = store.history(record.id)
+    assert history == made
+    assert [e.seq for e in history] == list(range(1, len(made) + 1))
+    assert [(e.step_name, e.state) for e in history if isinstance(e, StepUpdated)] == [
+        ("b", "snoozed"), ("a", "executing"), ("a", "retryable"), ("a", "executing"),
+        ("a", "discarded"), ("b", "cancelled"), ("c", "cancelled"), ("d", "executing"),
+        ("d", "completed"),
+    ]  # fmt: skip
+    last = history[-1]
+    assert isinstance(last, WorkflowFinished) and last.failed_steps == ("a", "b", "c")
+    assert all(e.workflow_id == record.id and e.workflow_label == "contract" for e in history)
+    stamps = [e.timestamp for e in history]
+    assert stamps == sorted(stamps)  # never back in time
+    assert store.history(record.id, after=7) == made[7:]
+    assert store.history(record.id, after=len(made)) == []
+    retried = [e for e in history if isinstance(e, StepUpdated) and e.state == "retryable"]
+    assert retried[0].error == "E: once" and retried[0].job_id == f"{record.id}:a"
+    assert retried[0].worker == "tasks.a"
+
+
+def test_history_of_an_unknown_workflow_raises(store: Store) -> None:
+    with pytest.raises(UnknownWorkflow):
+        store.history(new_id())
+    record = flat(1)
+    store.create(record)
+    assert store.history(record.id) == []  # known, nothing happened yet
+
+
+def test_a_cascade_reason_is_cut_to_the_workflow_error_limit(store: Store) -> None:
+    long = "é" * 80
+    record = make_record((long, ()), ("b", (long,)))
+    record.error_limit = 40
+    store.create(record)
+    out = store.settle(record.id, long, "discarded", error="E")
+    [cancelled] = [e for e in out.events if isinstance(e, StepUpdated) and e.state == "cancelled"]
+    assert cancelled.error is not None and len(cancelled.error) <= 40
+    assert cancelled.error.startswith("dependency 'éé") and cancelled.error.endswith("[truncated]")
+    assert store.load(record.id).steps["b"].error == cancelled.error
+
+
+def test_workflows_lists_newest_first_with_filters_and_paging(store: Store) -> None:
+    label = f"idx-{uuid.uuid4().hex[:8]}"
+    records = []
+    for i in range(5):
+        record = make_record(("a", ()), ("b", ()))
+        record.label = label
+        record.created_at = 1_900_000_000.0 + i  # a future beyond every other test's
+        store.create(record)
+        records.append(record)
+    store.settle(records[1].id, "a", "completed")
+    store.settle(records[1].id, "b", "discarded", error="E")  # failed
+    store.settle(records[3].id, "a", "completed")
+    store.settle(records[3].id, "b", "completed")  # completed
+    store.settle(records[4].id, "a", "completed")  # running, half done
+    newest = store.workflows(label=label)
+    assert [s.id for s in newest] == [r.id for r in reversed(records)]
+    top = newest[0]
+    assert (top.state, top.total, top.settled, top.label) == ("running", 2, 1, label)
+    assert top.created_at == records[4].created_at and top.finished_at is None
+    failed = next(s for s in newest if s.id == records[1].id)
+    assert (failed.state, failed.failed_steps, failed.settled) == ("failed", ("b",), 2)
+    assert failed.finished_at is not None and failed.seq == 3
+    assert [s.id for s in store.workflows(label=label, limit=2)] == [records[4].id, records[3].id]
+    page = store.workflows(label=label, limit=2, before=records[3].created_at)
+    assert [s.id for s in page] == [records[2].id, records[1].id]
+    assert [s.id for s in store.workflows(label=label, state="failed")] == [records[1].id]
+    assert [s.id for s in store.workflows(label=label, state="completed")] == [records[3].id]
+    running = store.workflows(label=label, state="running")
+    assert [s.id for s in running] == [records[4].id, records[2].id, records[0].id]
+    assert store.workflows(label=f"{label}-none") == []
+    with pytest.raises(ValueError, match="state"):
+        store.workflows(state="done")
+    with pytest.raises(ValueError, match="limit"):
+        store.workflows(limit=0)
+
+
+def test_workflows_active_since_keeps_running_and_recently_finished(store: Store) -> None:
+    label = f"active-{uuid.uuid4().hex[:8]}"
+    old, running = make_record(("a", ())), make_record(("a", ()))
+    for record in (old, running):
+        record.label = label
+        store.create(record)
+    store.settle(old.id, "a", "completed")
+    finished_at = store.load(old.id).finished_at
+    assert finished_at is not None
+    since = [s.id for s in store.workflows(label=label, active_since=finished_at)]
+    assert sorted(since) == sorted([old.id, running.id])
+    later = [s.id for s in store.workflows(label=label, active_since=finished_at + 1)]
+    assert later == [running.id]
+
+
+def test_annotations_are_kept_by_key(store: Store) -> None:
+    record = flat(2)
+    store.create(record)
+    assert store.annotations(record.id, ["x"]) == {}
+    store.annotate(record.id, {"x": "1", "y": "two"})
+    store.annotate(record.id, {"x": "3"})
+    assert store.annotations(record.id, ["x", "y", "z"]) == {"x": "3", "y": "two"}
+    with pytest.raises(UnknownWorkflow):
+        store.annotate(new_id(), {"x": "1"})
+    with pytest.raises(UnknownWorkflow):
+        store.annotations(new_id(), ["x"])
 
 
 def test_results_returns_only_named_steps_that_completed_with_one(store: Store) -> None:

@@ -1,15 +1,14 @@
--- The workflow is cancelled: every pending step is, at once.
-if W.outcome or W.cancel then
-  return cjson.encode({'ok', {0, false, {}, {}, false, W.label or false}})
-end
+-- The workflow is cancelled: every pending step is, at once; the queued ones' job ids
+-- come back for the caller to revoke.
+if W.outcome or W.cancel then return unchanged('ok', nil) end
 W.cancel = true
-local cancelled = {}
 local names = redis.call('LRANGE', P .. 'steps', 0, -1)
 for i = 1, #names do
   local v = get(names[i])
   if v[STATE] == 'pending' then
     terminate(v, 'cancelled', WORKFLOW_CANCELLED, v.name)
-    cancelled[#cancelled + 1] = v
+    if tonumber(v[DISP]) > 0 then revoke[#revoke + 1] = v[JOB] end
   end
 end
-return cjson.encode({'ok', settlement(1, false, {}, cancelled, claim())})
+claim()
+return commit('ok', nil)

@@ -1,94 +1,59 @@
--- Shared by every script but create.lua, after the generated field positions (FIELDS,
--- NAME .. RN, RECORD_FIELDS, WORKFLOW_CANCELLED: see redis_scripts.py).
+-- Shared by the transitions (begin, retrying, settle, cancel), after the generated field
+-- positions (FIELDS, STATE .. RN, WORKFLOW_CANCELLED: see redis_scripts.py).
 --
--- KEYS[1] = the workflow's meta key; ARGV[1] = the prefix of its other keys
+-- KEYS[1] = the workflow's meta key. ARGV[1] = the prefix of its other keys
 -- ("baton:{<id>}:"), which share its hash tag and so live on the node that runs the
--- script; ARGV[2] = now; ARGV[3] = retention in ms (< 0: keep); ARGV[4] = the global key
--- prefix ("baton:") on a single Redis, "" on a cluster (there the client updates the
--- global keys itself); ARGV[5] = the workflow id. A script's own arguments follow.
-local meta, P, now, retention = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
-local G, wid = ARGV[4], ARGV[5]
+-- script; ARGV[2] = the global key prefix ("baton:") on a single Redis, "" on a cluster
+-- (there the client updates the global keys itself); ARGV[3] = the workflow id;
+-- ARGV[4] = retention in ms (< 0: keep); ARGV[5] = the channel to publish the events on
+-- ("" : none); ARGV[6] = the caller's process token (in what is published). A script's
+-- own arguments follow.
+--
+-- Time is the Redis server's: one clock for every host, and a workflow's events are
+-- never stamped earlier than its latest one.
+local meta, P, G, wid = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local retention, channel, origin = tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local TERMINAL = {completed = true, discarded = true, cancelled = true}
 
-local function skey(n) return P .. 's:' .. n end
-local function snap(n) return redis.call('HMGET', skey(n), unpack(FIELDS, 1, RECORD_FIELDS)) end
--- Read with a step's small fields; the bulky ones only when needed (a fan-in step's deps
--- can be long: its parents' settles must not read them).
-local HEAVY = {SIG, DEPS, RES, KIDS}
-local HEAVY_NAMES, LIGHT, LIGHT_NAMES, is_heavy = {}, {}, {}, {}
-for j, i in ipairs(HEAVY) do HEAVY_NAMES[j], is_heavy[i] = FIELDS[i], true end
-for i = 1, #FIELDS do
-  if not is_heavy[i] then
-    LIGHT[#LIGHT + 1] = i
-    LIGHT_NAMES[#LIGHT] = FIELDS[i]
-  end
-end
-
--- The workflow's counters, read once here and written once by flush().
-local m = redis.call('HMGET', meta, 'cancel', 'label', 'seq', 'out', 'outcome', 'created', 'n')
-if not m[1] then return cjson.encode({'unknown'}) end
+local m = redis.call('HMGET', meta, 'cancel', 'label', 'seq', 'out', 'outcome', 'created', 'n',
+                     'upd', 'elim')
+if not m[1] then return {'unknown'} end
 local W = {cancel = m[1] == '1', label = m[2], seq = tonumber(m[3]), out = tonumber(m[4]),
-           outcome = m[5], created = m[6], n = m[7], fin = false}
+           outcome = m[5], created = m[6], n = m[7], elim = tonumber(m[9]) or 2000}
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+if m[8] and now < tonumber(m[8]) then now = tonumber(m[8]) end
+local NOW = string.format('%.6f', now)
 
--- Steps are read once (one HMGET) into a table, changed there, and written by flush().
+local function skey(n) return P .. 's:' .. n end
+
+-- A step's small fields, read once into a table (by position), changed there and
+-- written back by commit(): only the fields that changed.
 local cache = {}
 local function get(n)
   local v = cache[n]
   if v then return v end
-  local light = redis.call('HMGET', skey(n), unpack(LIGHT_NAMES))
-  v = {}
-  for i = 1, #LIGHT do v[LIGHT[i]] = light[i] end
-  if not v[STATE] then return nil end
-  v.name, v.dirty, v.had_err, v.loaded = n, {}, v[ERR] ~= false, false
+  local values = redis.call('HMGET', skey(n), unpack(FIELDS))
+  if not values[STATE] then return nil end
+  v = {name = n, dirty = {}}
+  for i = 1, #FIELDS do v[i] = values[i] end
   cache[n] = v
   return v
 end
-local function heavy(v)  -- sig, deps, res and kids, read once
-  if not v.loaded then
-    local h = redis.call('HMGET', skey(v.name), unpack(HEAVY_NAMES))
-    for j, i in ipairs(HEAVY) do
-      if i == RES then v.had_res = h[j] ~= false end
-      if not v.dirty[i] then v[i] = h[j] end
-    end
-    v.loaded = true
-  end
-  return v
-end
-local function set(v, i, value) v[i] = value; v.dirty[i] = true end
-local function snapshot(v)
-  heavy(v)
-  local out = {}
-  for i = 1, RECORD_FIELDS do out[i] = v[i] end
-  return out
+local function set(v, i, value)
+  if v[i] ~= value then v[i] = value; v.dirty[i] = true end
 end
 
-local function flush()
-  for n, v in pairs(cache) do
-    local args, dels = {}, {}
-    for i in pairs(v.dirty) do
-      if v[i] then
-        args[#args + 1] = FIELDS[i]
-        args[#args + 1] = v[i]
-      elseif (i == ERR and v.had_err) or (i == RES and v.had_res) then
-        dels[#dels + 1] = FIELDS[i]
-      end
-    end
-    if #args > 0 then redis.call('HSET', skey(n), unpack(args)) end
-    if #dels > 0 then redis.call('HDEL', skey(n), unpack(dels)) end
-  end
-  local args = {'seq', W.seq, 'out', W.out}
-  if W.cancel then args[#args + 1] = 'cancel'; args[#args + 1] = '1' end
-  if W.fin then
-    args[#args + 1] = 'outcome'; args[#args + 1] = W.outcome
-    args[#args + 1] = 'fin'; args[#args + 1] = W.fin
-  end
-  redis.call('HSET', meta, unpack(args))
-end
+local events = {}  -- encoded, in order: the history's entries, the reply's, the channel's
+local released, revoke = {}, {}
 
-local function stamp(v)
+-- records.step_event: one JSON array per event ("s": a step's; "f": the finish).
+local function emit(v, state)
   W.seq = W.seq + 1
   set(v, SEQ, W.seq)
-  set(v, UPD, now)
+  set(v, UPD, NOW)
+  events[#events + 1] = cjson.encode({'s', W.seq, NOW, v.name, state, tonumber(v[ATT]),
+                                      v[HASRES] == '1', v[ERR] or false, v[TASK], v[JOB]})
 end
 
 local function tolerates(v, state)
@@ -96,11 +61,29 @@ local function tolerates(v, state)
     or (state == 'discarded' and v[ID] == '1')
 end
 
+-- The first ``limit`` characters of UTF-8 ``s`` (continuation bytes are not counted).
+local function cut(s, limit)
+  local chars = select(2, string.gsub(s, '[^\128-\191]', ''))
+  if chars <= limit then return s end
+  local keep, count, i = limit - 14, 0, 1
+  while i <= #s do
+    local b = string.byte(s, i)
+    if b < 128 or b >= 192 then
+      if count == keep then break end
+      count = count + 1
+    end
+    i = i + 1
+  end
+  return string.sub(s, 1, i - 1) .. '\226\128\166 [truncated]'
+end
+
 -- records._cascade_reason; 'rn' is the Python repr() of a step's name.
 local function reason(dep)
   local origin = 'None'
   if dep[ORIG] then origin = get(dep[ORIG])[RN] end
-  return 'dependency ' .. dep[RN] .. ' was ' .. dep[STATE] .. ' (failure began at ' .. origin .. ')'
+  local text = 'dependency ' .. dep[RN] .. ' was ' .. dep[STATE] .. ' (failure began at ' ..
+    origin .. ')'
+  return cut(text, W.elim)
 end
 
 -- A step reaches a terminal state: one less outstanding, remember it if it failed.
@@ -110,15 +93,16 @@ local function terminate(v, state, err, origin)
   if origin then set(v, ORIG, origin) end
   W.out = W.out - 1
   if state ~= 'completed' then redis.call('ZADD', P .. 'failed', v[IDX], v.name) end
-  stamp(v)
+  emit(v, state)
 end
 
 -- records._propagate: release or cancel the dependents of a settled step, transitively.
-local function propagate(first, released, cancelled)
+local function propagate(first)
   local stack = {first}
   while #stack > 0 do
     local dep = table.remove(stack)
-    local kids = cjson.decode(heavy(dep)[KIDS])
+    local kids = {}
+    if dep[HASKIDS] == '1' then kids = cjson.decode(redis.call('HGET', P .. 'kids', dep.name)) end
     for i = 1, #kids do
       local c = get(kids[i])
       if c[STATE] == 'pending' and tonumber(c[DISP]) == 0 then
@@ -133,13 +117,12 @@ local function propagate(first, released, cancelled)
             err, origin = WORKFLOW_CANCELLED, c.name
           else
             set(c, DISP, 1)
-            set(c, UPD, now)
+            set(c, UPD, NOW)
             released[#released + 1] = c
           end
         end
         if err then
           terminate(c, 'cancelled', err, origin)
-          cancelled[#cancelled + 1] = c
           stack[#stack + 1] = c
         end
       end
@@ -148,46 +131,96 @@ local function propagate(first, released, cancelled)
 end
 
 -- records._claim_finish: won by the transition that settles the last outstanding step.
+local finish = false
 local function claim()
-  if W.outcome or W.out > 0 then return false end
+  if W.outcome or W.out > 0 then return end
   local failed = redis.call('ZRANGE', P .. 'failed', 0, -1)
   W.outcome = 'completed'
   if #failed > 0 then W.outcome = 'failed' end
   W.seq = W.seq + 1
-  W.fin = now
-  return {W.outcome, failed, W.n, W.created, now, W.seq}
+  W.fin = NOW
+  local list = '[]'
+  if #failed > 0 then list = cjson.encode(failed) end
+  events[#events + 1] = '["f",' .. W.seq .. ',"' .. NOW .. '","' .. W.outcome .. '",' ..
+    list .. ']'
+  finish = {W.n, W.created, NOW}
 end
 
 -- Once finished, every key of the workflow lives for the retention.
-local function expire_all(finish)
+local function expire_all()
   local jobs = redis.call('LRANGE', P .. 'jobs', 0, -1)
   if retention >= 0 then
     local names = redis.call('LRANGE', P .. 'steps', 0, -1)
     for i = 1, #names do redis.call('PEXPIRE', skey(names[i]), retention) end
-    for _, k in ipairs({meta, P .. 'steps', P .. 'jobs', P .. 'failed'}) do
-      redis.call('PEXPIRE', k, retention)
+    for _, k in ipairs({'steps', 'jobs', 'failed', 'ev', 'sig', 'deps', 'kids', 'res', 'ann'}) do
+      redis.call('PEXPIRE', P .. k, retention)
     end
+    redis.call('PEXPIRE', meta, retention)
   end
   if G ~= '' then
     redis.call('ZREM', G .. 'live', wid)
+    redis.call('ZADD', G .. 'done', now, wid)
     if retention >= 0 then
       for i = 1, #jobs do redis.call('PEXPIRE', G .. 'job:' .. jobs[i], retention) end
+      -- The index forgets the workflows that expired (a bounded number at a time).
+      local gone = redis.call('ZRANGEBYSCORE', G .. 'done', '-inf', now - retention / 1000,
+                              'LIMIT', 0, 100)
+      if #gone > 0 then
+        redis.call('ZREM', G .. 'done', unpack(gone))
+        redis.call('ZREM', G .. 'index', unpack(gone))
+      end
     end
     jobs = {}
   end
   finish[#finish + 1] = jobs
 end
 
--- Commit, then what a transition did, for the caller: records.Transition.
-local function settlement(applied, v, released, cancelled, finish)
-  flush()
-  if finish then expire_all(finish) end
-  local r, c = {}, {}
-  for i = 1, #released do r[i] = snapshot(released[i]) end
-  for i = 1, #cancelled do c[i] = snapshot(cancelled[i]) end
-  return {applied, v and snapshot(v) or false, r, c, finish, W.label or false}
+-- Commit: the changed fields, the counters, the history; publish; then the reply
+-- (records.Transition): status, applied, events, released steps (name, job, signature,
+-- dispatch), job ids to revoke, finish ({total, created, finished, [jobs]} or false),
+-- the step's dispatch number (``gated``: the step a begin gated), the workflow's label.
+local function commit(status, gated)
+  for n, s in pairs(cache) do
+    local args = {}
+    local dels = {}
+    for i in pairs(s.dirty) do
+      if s[i] then
+        args[#args + 1] = FIELDS[i]
+        args[#args + 1] = s[i]
+      else
+        dels[#dels + 1] = FIELDS[i]
+      end
+    end
+    if #args > 0 then redis.call('HSET', skey(n), unpack(args)) end
+    if #dels > 0 then redis.call('HDEL', skey(n), unpack(dels)) end
+  end
+  local args = {'seq', W.seq, 'out', W.out, 'upd', NOW}
+  if W.cancel then args[#args + 1] = 'cancel'; args[#args + 1] = '1' end
+  if W.fin then
+    args[#args + 1] = 'outcome'; args[#args + 1] = W.outcome
+    args[#args + 1] = 'fin'; args[#args + 1] = W.fin
+  end
+  redis.call('HSET', meta, unpack(args))
+  if #events > 0 then redis.call('RPUSH', P .. 'ev', unpack(events)) end
+  if finish then expire_all() end
+  if channel ~= '' and #events > 0 then
+    redis.call('PUBLISH', channel, cjson.encode({wid, W.label or false, origin}) .. '\n' ..
+      table.concat(events, '\n'))
+  end
+  local r = {}
+  if #released > 0 then
+    local sigs = {}
+    for i = 1, #released do sigs[i] = released[i].name end
+    sigs = redis.call('HMGET', P .. 'sig', unpack(sigs))
+    for i = 1, #released do
+      local c = released[i]
+      r[i] = {c.name, c[JOB], sigs[i], c[DISP]}
+    end
+  end
+  return {status, 1, events, r, revoke, finish, gated and gated[DISP] or 0, W.label or false}
 end
--- A transition about one step alone (nothing released, cancelled or finished).
-local function only(applied, v)
-  return {applied, snapshot(v), {}, {}, false, W.label or false}
+
+-- A transition that changed nothing.
+local function unchanged(status, gated)
+  return {status, 0, {}, {}, {}, false, gated and gated[DISP] or 0, W.label or false}
 end
