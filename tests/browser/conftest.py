@@ -127,19 +127,30 @@ def pages(browser: Browser) -> Iterator[Any]:
         watched.check()
 
 
-def screenshot(page: Page, name: str) -> Path:
-    """Save the whole page as ``.artifacts/browser/<name>.png``."""
+def store_kind(cluster: Cluster) -> str:
+    """ "sqlite" or "redis": which store a cluster runs on (for screenshot names)."""
+    return cluster.settings.store.split(":", 1)[0]
+
+
+def artifact(name: str) -> Path:
+    """Where the screenshot ``name`` goes: ``.artifacts/browser/<name>.png``."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
+    return ARTIFACTS / f"{name}.png"
+
+
+def screenshot(page: Page, name: str) -> Path:
+    """Save the whole page (see :func:`artifact`)."""
+    path = artifact(name)
     page.screenshot(path=str(path), full_page=True)
     return path
 
 
-@pytest.fixture(scope="module")
-def cluster(session: Any) -> Iterator[Cluster]:
-    """One prefork worker (-c 2) on Redis publishing on the bridge, SQLite store, shared
-    by a module's tests (each works in workflows and sink keys of its own)."""
-    with running(session, "browser", "redis", bridge=True) as started:
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def cluster(session: Any, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """One prefork worker (-c 2) on a Redis broker with the bridge on, per store (SQLite,
+    then the Redis store), shared by a module's tests (each works in workflows and sink
+    keys of its own)."""
+    with running(session, "browser", "redis", store=request.param, bridge=True) as started:
         yield started
 
 

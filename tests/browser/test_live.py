@@ -15,7 +15,7 @@ from playwright.sync_api import Page, expect
 
 from baton_celery import Workflow
 
-from .conftest import screenshot
+from .conftest import screenshot, store_kind
 
 
 def step(page: Page, name: str) -> Any:
@@ -33,6 +33,7 @@ def test_a_workflow_followed_live(
 ) -> None:
     steps = cluster.steps()
     workflow_id = str(uuid.uuid4())
+    store = store_kind(cluster)
     index = pages()
     index.goto(dashboard)
     expect(index.locator('#live[data-live="live"]')).to_be_visible()
@@ -58,7 +59,7 @@ def test_a_workflow_followed_live(
     expect(detail.locator('[data-node="extract"]')).to_have_attribute("data-state", "executing")
     expect(step(detail, "load")).to_have_attribute("data-state", "pending")
     expect(detail.locator('#live[data-live="live"]')).to_be_visible()
-    screenshot(detail, "detail-running")
+    screenshot(detail, f"detail-running-{store}")
 
     steps.release("extract")
     expect(step(detail, "extract")).to_have_attribute("data-state", "completed")
@@ -71,7 +72,7 @@ def test_a_workflow_followed_live(
     expect(step(detail, "transform")).to_have_attribute("data-state", "executing")
     expect(summary).to_have_attribute("data-state", "running")
     expect(row.locator(".count")).to_have_text("3 / 4")
-    screenshot(detail, "detail-failing")
+    screenshot(detail, f"detail-failing-{store}")
 
     steps.release("transform")
     expect(step(detail, "transform")).to_have_attribute("data-state", "completed")
@@ -80,8 +81,8 @@ def test_a_workflow_followed_live(
     expect(summary.locator('[data-field="failed"]')).to_have_text("validate, load")
     expect(row).to_have_attribute("data-state", "failed")
     expect(row.locator(".failed-steps")).to_have_text("validate, load")
-    screenshot(detail, "detail-finished-live")
-    screenshot(index, "index")
+    screenshot(detail, f"detail-finished-live-{store}")
+    screenshot(index, f"index-{store}")
 
     # Every event once, in order, none missing: the page's history is the store's.
     stored = api(detail, f"{dashboard}api/workflows/{workflow_id}")
@@ -102,4 +103,4 @@ def test_a_workflow_followed_live(
     expect(summary).to_have_attribute("data-state", "failed")
     expect(detail.locator('#live[data-live="finished"]')).to_be_visible()
     expect(detail.locator("#history li")).to_have_count(len(shown))
-    screenshot(detail, "detail-reloaded")
+    screenshot(detail, f"detail-reloaded-{store}")

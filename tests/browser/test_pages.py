@@ -11,9 +11,9 @@ from typing import Any, Callable
 from harness import Cluster
 from playwright.sync_api import Page, expect
 
-from baton_celery import Workflow
+from baton_celery import StepUpdated, Workflow
 
-from .conftest import Local, screenshot
+from .conftest import Local, artifact, screenshot, store_kind
 
 LONG_ERROR = "ValueError: <script>window.pwned = 1</script> " + "row 17 has a bad date; " * 90
 #: "Well under a second" for laying out 1,000 steps, on a loaded 2-core machine.
@@ -31,7 +31,11 @@ def run_all(local: Local, workflow_id: str, names: list[str], fail: dict[str, st
         store.begin(workflow_id, name, 1)
         if name in fail:
             out = store.settle(workflow_id, name, "discarded", error=fail[name])
-            cancelled.update(s.name for s in out.cancelled)
+            cancelled.update(
+                e.step_name
+                for e in out.events
+                if isinstance(e, StepUpdated) and e.state == "cancelled"
+            )
         else:
             store.settle(workflow_id, name, "completed", has_result=True, result=1)
 
@@ -100,7 +104,7 @@ def test_a_1000_step_workflow(local_dashboard: Callable[..., Local], pages: Any)
     assert page.evaluate(
         "(b => b.scrollWidth <= b.clientWidth)(document.querySelector('.graph-box'))"
     )
-    page.locator(".graph-box").screenshot(path=str(screenshot(page, "detail-1000-steps-fit")))
+    page.locator(".graph-box").screenshot(path=str(artifact("detail-1000-steps-fit")))
 
 
 def test_an_index_of_10000_workflows_is_paged(
@@ -147,7 +151,7 @@ def test_task_texts_show_as_text(cluster: Cluster, dashboard: str, pages: Any) -
     expect(page.locator(f'[data-workflow-id="{workflow_id}"] .name')).to_have_text(label)
     assert page.evaluate("window.pwned") is None
     assert page.locator("script:not([src]):not([type='application/json'])").count() == 0
-    screenshot(page, "escaping-index")
+    screenshot(page, f"escaping-index-{store_kind(cluster)}")
 
 
 def test_404_and_read_only(dashboard: str, pages: Any) -> None:
