@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import multiprocessing
 import os
 import signal
 import statistics
@@ -165,7 +166,9 @@ def bench_first_paint(rounds: int) -> None:
         with chromium() as browser:
             for _ in range(rounds):
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.goto(url)
+                response = page.goto(url)
+                assert response is not None and response.ok
+                size = len(response.body())
                 page.wait_for_function("performance.getEntriesByName('baton-ready').length")
                 page.wait_for_function("performance.getEntriesByType('paint').length >= 2")
                 paints = page.evaluate(
@@ -179,14 +182,13 @@ def bench_first_paint(rounds: int) -> None:
                 graph.append(
                     page.evaluate("performance.getEntriesByName('baton-graph')[0].duration")
                 )
-                size = page.evaluate("document.documentElement.outerHTML.length")
                 page.close()
     finally:
         server.stop()
         thread.join(TIMEOUT)
         baton_celery.uninstall(app)
     print(
-        f"1,000-step page ({size / 1e6:.1f} MB of HTML): first contentful paint "
+        f"1,000-step page ({size / 1e6:.2f} MB served): first contentful paint "
         f"{statistics.median(fcp):.0f} ms, fully drawn {statistics.median(ready):.0f} ms, "
         f"graph layout {statistics.median(graph):.0f} ms (medians of {rounds}; from navigation)"
     )
@@ -331,37 +333,52 @@ def rate_and_latency(clients: list[Client], start: float) -> tuple[int, float, l
 # --- 2. fan-out, the dashboard alone ----------------------------------------------------
 
 
+def publish_flat_out(broker: str, store: str, queue: str, workflow_id: str, events: int) -> None:
+    """In a process of its own (so that the clients' threads are not starved): publish
+    ``events`` step events and the finish on the bridge, as fast as it goes."""
+    app = create_app(broker, store, queue)
+    runtime = runtime_for(app)
+    assert runtime is not None
+    for seq in range(1, events + 1):
+        state = "executing" if seq % 2 else "retryable"
+        publish(runtime, StepUpdated(
+            workflow_id, "fan-out", "step", "bench.step", state, None, seq, False, None,
+            datetime.now(timezone.utc), seq,
+        ))  # fmt: skip
+    now = datetime.now(timezone.utc)
+    publish(runtime, WorkflowFinished(workflow_id, "fan-out", "completed", (), now, events + 1))
+    baton_celery.uninstall(app)
+    app.close()
+
+
 def bench_fanout(clients_count: int, events: int) -> None:
     with environment() as env:
-        app = create_app(env["BENCH_DASH_BROKER"], env["BENCH_DASH_STORE"], env["BENCH_DASH_QUEUE"])
+        names = env["BENCH_DASH_BROKER"], env["BENCH_DASH_STORE"], env["BENCH_DASH_QUEUE"]
+        app = create_app(*names)
         runtime = runtime_for(app)
         assert runtime is not None
         workflow_id = store_workflow(runtime.store, {"step": []}, "fan-out")
         try:
             with dashboard(env) as url:
                 clients = open_clients(f"{url}api/workflows/{workflow_id}/stream", clients_count)
-                start = time.time()
-                for seq in range(1, events + 1):
-                    state = "executing" if seq % 2 else "retryable"
-                    publish(runtime, StepUpdated(
-                        workflow_id, "fan-out", "step", "bench.step", state, None, seq,
-                        False, None, datetime.now(timezone.utc), seq,
-                    ))  # fmt: skip
-                publish(runtime, WorkflowFinished(
-                    workflow_id, "fan-out", "completed", (), datetime.now(timezone.utc), events + 1
-                ))  # fmt: skip
-                sent = time.time()
+                publisher = multiprocessing.get_context("spawn").Process(
+                    target=publish_flat_out, args=(*names, workflow_id, events)
+                )
+                publisher.start()
+                publisher.join(TIMEOUT)
                 close_clients(clients)
         finally:
             baton_celery.uninstall(app)
             app.close()
+    stamps = clients[0].stamps  # when each event was published
+    start, sent = min(stamps.values()), max(stamps.values())
     delivered, rate, latency = rate_and_latency(clients, start)
     expected = clients_count * (events + 1)
     print(
-        f"fan-out, dashboard alone: {events + 1} events published in {sent - start:.2f} s "
-        f"({(events + 1) / (sent - start):.0f}/s) to {clients_count} streams: "
-        f"{delivered} of {expected} delivered, {rate:.0f} events/s in all "
-        f"({rate / clients_count:.0f}/s per stream); publish to client {spread(latency)}"
+        f"fan-out, dashboard alone: {events + 1} events published by another process in "
+        f"{sent - start:.2f} s to {clients_count} streams: {delivered} of {expected} "
+        f"delivered, {rate:.0f} events/s in all ({rate / clients_count:.0f}/s per stream); "
+        f"publish to client {spread(latency)}"
     )
 
 
