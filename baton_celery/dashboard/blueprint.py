@@ -39,7 +39,7 @@ from ..stores.base import MAX_PAGE
 from ..workflow import WorkflowHandle
 from . import auth
 from .config import DashboardConfig
-from .hub import Hub
+from .hub import Hub, Subscription
 from .streams import SINCE_MARGIN, index_stream, workflow_stream
 from .views import BadQuery, IndexQuery, number, workflow_detail
 
@@ -280,19 +280,21 @@ class Dashboard:
         response.call_on_close(close)
         return response
 
-    def _room_for_a_stream(self) -> None:
+    def _subscribe(self, workflow_id: str | None) -> Subscription:
+        """A live inbox for a new stream, or 503 when ``max_streams`` are open."""
         self.start()
-        if self.hub.open_streams >= self.config.max_streams:
+        page = self.hub.subscribe(workflow_id, limit=self.config.max_streams)
+        if page is None:
             response = self._plain(TOO_MANY.format(self.config.max_streams), 503)
             response.headers["Retry-After"] = "10"
             abort(response)
+        return page
 
     def index_events(self) -> Response:
         query = self._query()
         since = _position("since", float, time.time() - SINCE_MARGIN)
         oldest = number(request.args, "oldest", float, None)
-        self._room_for_a_stream()
-        page = self.hub.subscribe(None)  # first: nothing after the replay is missed
+        page = self._subscribe(None)  # first: nothing after the replay is missed
         try:
             found = self.store.workflows(
                 limit=MAX_PAGE, before=query.before, label=query.label, active_since=since
@@ -308,8 +310,7 @@ class Dashboard:
 
     def workflow_events(self, workflow_id: str) -> Response:
         after = _position("after", int, 0)
-        self._room_for_a_stream()
-        page = self.hub.subscribe(workflow_id)  # first: nothing after the history is missed
+        page = self._subscribe(workflow_id)  # first: nothing after the history is missed
         try:
             first = self.store.history(workflow_id, after)
         except UnknownWorkflow:

@@ -1,8 +1,8 @@
 """One dashboard process's feed of live events, fanned out to its open pages.
 
-A :class:`Hub` receives every event once — from the broker bridge (a
-:class:`~baton_celery.Listener` with ``deliver=``) and from this process's own topics (a
-cancel sent from the dashboard) — and offers it to the :class:`Subscription` of each open
+A :class:`Hub` receives every event once — from a :class:`~baton_celery.Listener` with
+``deliver=`` (the broker bridge, or the Redis store's own channel) and from this
+process's own topics (a cancel sent from the dashboard) — and offers it to the :class:`Subscription` of each open
 page that wants it: a detail page subscribes to one workflow, an index page to the
 summaries of all of them. Offering never blocks: a page that falls ``stream_queue``
 items behind is cut off, and its browser reconnects and catches up from the store.
@@ -78,8 +78,9 @@ class Subscription:
 class Hub:
     """Live events in, one :class:`Subscription` per open page out.
 
-    ``listen=False`` leaves the broker alone: the hub then gets only this process's own
-    events and what is given to :meth:`publish` (tests, an in-process worker).
+    ``start(listen_to_broker=False)`` starts no listener: the hub then gets only this
+    process's own events and what is given to :meth:`publish` (tests, an in-process
+    worker).
     """
 
     def __init__(self, app: Any, store: Store, *, stream_queue: int = 10000) -> None:
@@ -94,8 +95,9 @@ class Hub:
         self._closed = False
 
     def start(self, *, listen_to_broker: bool = True, timeout: float = 10.0) -> Hub:
-        """Subscribe to this process's topics and, by default, to the broker bridge
-        (returns once subscribed, or after ``timeout`` seconds while it keeps trying)."""
+        """Subscribe to this process's topics and, by default, start a listener to the
+        workers' events (returns once it is subscribed, or after ``timeout`` seconds while
+        it keeps trying)."""
         pubsub.subscribe_all(self._local)
         if listen_to_broker:
             self.listener = listen(self.app, deliver=self.publish, timeout=timeout)
@@ -118,10 +120,13 @@ class Hub:
         with self._lock:
             return sum(len(group) for group in self._pages.values())
 
-    def subscribe(self, workflow_id: str | None) -> Subscription:
-        """A new inbox for one workflow's events, or (None) for every summary."""
+    def subscribe(self, workflow_id: str | None, limit: int | None = None) -> Subscription | None:
+        """A new inbox for one workflow's events, or (None) for every summary; None when
+        ``limit`` inboxes are open already."""
         page = Subscription(self, workflow_id, self.stream_queue)
         with self._lock:
+            if limit is not None and sum(len(g) for g in self._pages.values()) >= limit:
+                return None
             if self._closed:
                 page.offer(CLOSED)
             else:
