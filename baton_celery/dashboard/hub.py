@@ -2,10 +2,11 @@
 
 A :class:`Hub` receives every event once — from a :class:`~baton_celery.Listener` with
 ``deliver=`` (the broker bridge, or the Redis store's own channel) and from this
-process's own topics (a cancel sent from the dashboard) — and offers it to the :class:`Subscription` of each open
-page that wants it: a detail page subscribes to one workflow, an index page to the
-summaries of all of them. Offering never blocks: a page that falls ``stream_queue``
-items behind is cut off, and its browser reconnects and catches up from the store.
+process's own topics (a cancel sent from the dashboard) — and offers it to the
+:class:`Subscription` of each open page that wants it: a detail page subscribes to one
+workflow, an index page to the summaries of all of them. Offering never blocks: a page
+that falls ``stream_queue`` items behind is cut off, and its browser reconnects and
+catches up from the store.
 
 The summaries are kept here, once for every index page: the first event of a workflow
 (or one after a gap) reads its summary from the store, each next event advances it
