@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make example   the main job: an ETL workflow on a real Celery worker, events printed live
-#   make test      the tests: tox's default list (matrix corners, integration, Celery compatibility gate, lint, typing)
+#   make test      the tests: tox's default list (matrix corners, integration, dashboard in a browser, Celery compatibility gate, lint, typing)
 VENV ?= .venv
 PYTHON ?= python3
 
@@ -24,4 +24,5 @@ example: $(VENV)/bin/python
 test: $(VENV)/bin/python
 	$(VENV)/bin/pip install --quiet "tox>=4.11"
 	scripts/ensure-brokers
+	scripts/ensure-chromium
 	$(VENV)/bin/tox

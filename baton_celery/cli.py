@@ -31,6 +31,7 @@ from typing import Any
 import click
 
 from .backstop import sweep
+from .dashboard.cli import dashboard
 from .events import Event, StepUpdated, WorkflowFinished
 from .install import install
 from .listener import listen
@@ -299,3 +300,6 @@ def backstop(ctx: click.Context, stuck_after: float | None, every: float | None)
             time.sleep(every)  # a periodic schedule, not a synchronisation
     except KeyboardInterrupt:
         ctx.exit(130)
+
+
+baton.add_command(dashboard)  # the web dashboard: baton_celery/dashboard/

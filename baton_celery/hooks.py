@@ -13,19 +13,25 @@ import json
 import logging
 from typing import Any, Callable, NamedTuple
 
+from . import pubsub
 from .announce import announce
 from .events import CANCELLED, COMPLETED, DISCARDED
-from .guard import log_failure
+from .guard import guarded, log_failure
 from .identity import identity_of
 from .runtime import Runtime, runtime_for
+from .stores.records import RUN
 
-__all__ = ["RECEIVERS", "StepRef", "step_hook"]
+__all__ = ["RECEIVERS", "StepRef", "collect_begin", "step_hook"]
 
 logger = logging.getLogger(__name__)
 
 UNSERIALIZABLE = (
     "baton_celery: the result of step %r (workflow %s) is not JSON-serializable; "
     "it is not stored, dependency_results() will not include it"
+)
+RAN_ANYWAY = (
+    "baton_celery: step %r of workflow %s ran, but the store's gate answered %r (a "
+    "revoke or a cancel that came too late to stop it); its settle changes nothing"
 )
 MEMORY_UNDER_PREFORK = (
     "baton_celery: baton_store is %r, which only this process can see, but this worker "
@@ -40,6 +46,8 @@ RETRY_MARKED_ATTR = "baton_retry_marked"
 GATE_ATTR = "baton_gate"
 # For a snoozed request: the step's publication number when it was snoozed.
 SNOOZE_DISPATCH_ATTR = "baton_snooze_dispatch"
+# A begin sent without waiting for its reply (a stores.base.Deferred), until collected.
+BEGIN_ATTR = "baton_begin"
 
 
 class StepRef(NamedTuple):
@@ -103,13 +111,50 @@ def step_hook(where: str, find: Finder = _current_request) -> Callable[[Body], A
 
 @step_hook("task_prerun")
 def on_task_prerun(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
-    out = ref.runtime.store.begin(ref.workflow_id, ref.step, ref.dispatch)
+    request = sender.request
+    runtime = ref.runtime
+    if _gate_known(ref, request):
+        # The first delivery of a message baton published (dispatch >= 1) runs: the body
+        # need not wait for the store. The begin still reaches it before the body
+        # starts; its reply is read with the settle (collect_begin).
+        deferred = runtime.store.begin_deferred(ref.workflow_id, ref.step, ref.dispatch)
+        setattr(request, BEGIN_ATTR, deferred)
+        return
+    out = runtime.store.begin(ref.workflow_id, ref.step, ref.dispatch)
     # Per-request (a Context), not per-task state: safe with concurrent requests. The
     # gate in before_start (task_wrappers) acts on it: task_prerun cannot stop a task.
-    request = sender.request
     setattr(request, GATE_ATTR, out.decision)
     setattr(request, SNOOZE_DISPATCH_ATTR, out.dispatch)
-    announce(ref.runtime, out)
+    announce(runtime, out)
+
+
+def _gate_known(ref: StepRef, request: Any) -> bool:
+    """Whether the gate can only say "run": a message baton published (an early or a
+    snoozed copy carries dispatch 0), delivered for the first time (a redelivery may be
+    of a step that completed: the broker flags it), with no receiver in this process
+    waiting for the begin's events at once (the store publishes them)."""
+    return (
+        ref.dispatch >= 1
+        and ref.runtime.defers_begin
+        and not request.is_eager
+        and not (request.delivery_info or {}).get("redelivered")
+        and not pubsub.has_receivers(ref.workflow_id)
+    )
+
+
+def collect_begin(ref: StepRef, request: Any) -> None:
+    """Read the reply of a begin sent without waiting, before the run settles (or ends):
+    its events are in the store and on its channel already; anything else it implies is
+    announced. Its failure is logged and does not stop the settle."""
+    deferred = getattr(request, BEGIN_ATTR, None)
+    if deferred is None:
+        return
+    setattr(request, BEGIN_ATTR, None)
+    with guarded("reading a step's begin", ref.workflow_id):
+        out = deferred.result()
+        if out.decision != RUN:
+            logger.warning(RAN_ANYWAY, ref.step, ref.workflow_id, out.decision)
+        announce(ref.runtime, out)
 
 
 # --- task_success / task_retry / task_failure (pool child) ---------------------------
@@ -129,6 +174,7 @@ def _result_for_store(ref: StepRef, result: Any) -> Any:
 # task_success carries no task_id: the request is still the sender's.
 @step_hook("task_success")
 def on_task_success(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
+    collect_begin(ref, sender.request)
     result = kwargs.get("result")
     out = ref.runtime.store.settle(
         ref.workflow_id,
@@ -140,8 +186,9 @@ def on_task_success(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
     announce(ref.runtime, out)
 
 
-def mark_retrying(ref: StepRef, cause: Any) -> None:
+def mark_retrying(ref: StepRef, request: Any, cause: Any) -> None:
     """The step failed and will be retried: one transition, its events."""
+    collect_begin(ref, request)
     out = ref.runtime.store.retrying(ref.workflow_id, ref.step, ref.runtime.error_text(cause))
     announce(ref.runtime, out)
 
@@ -152,7 +199,7 @@ def on_task_retry(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
         return  # already marked by the retry wrapper, before the retry was published
     # reason is the Retry exception; its .exc is what the task raised, when known.
     reason = kwargs.get("reason")
-    mark_retrying(ref, getattr(reason, "exc", None) or reason)
+    mark_retrying(ref, kwargs.get("request"), getattr(reason, "exc", None) or reason)
 
 
 def _failing_request(sender: Any, kwargs: dict[str, Any]) -> StepRef | None:
@@ -170,9 +217,21 @@ def _failing_request(sender: Any, kwargs: dict[str, Any]) -> StepRef | None:
 
 @step_hook("task_failure", find=_failing_request)
 def on_task_failure(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
+    if getattr(sender.request, "id", None) == kwargs.get("task_id"):
+        collect_begin(ref, sender.request)  # in the pool process that ran it
     error = ref.runtime.error_text(kwargs.get("exception"))
     out = ref.runtime.store.settle(ref.workflow_id, ref.step, DISCARDED, error=error)
     announce(ref.runtime, out)
+
+
+# --- task_postrun (pool child): a run that ended without a settle ---------------------
+
+
+@step_hook("task_postrun")
+def on_task_postrun(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
+    # Ignore or Reject raised by the task (or the gate) settle nothing: a begin sent
+    # without waiting is read here, so its connection goes back to the pool.
+    collect_begin(ref, sender.request)
 
 
 # --- task_revoked (always the main process) ------------------------------------------
@@ -230,6 +289,7 @@ def _is_prefork(pool: Any) -> bool:
 RECEIVERS: list[tuple[str, Callable[..., None]]] = [
     ("task_prerun", on_task_prerun),
     ("task_success", on_task_success),
+    ("task_postrun", on_task_postrun),
     ("task_retry", on_task_retry),
     ("task_failure", on_task_failure),
     ("task_revoked", on_task_revoked),

@@ -24,6 +24,7 @@ from .guard import log_failure
 __all__ = [
     "ALL_TOPIC",
     "broadcast",
+    "has_receivers",
     "send_finished_telemetry",
     "send_workflow_created",
     "subscribe",
@@ -99,6 +100,14 @@ def _send(signal: NamedSignal, workflow_id: str, **kwargs: Any) -> None:
             receiver(workflow_id, **kwargs)
         except Exception as exc:
             log_failure(f"receiver {receiver!r} on {signal.name}", exc, workflow_id)
+
+
+def has_receivers(workflow_id: str) -> bool:
+    """Whether an event of this workflow would reach any receiver in this process."""
+    if _all.receivers:
+        return True
+    specific = _topics.get(topic(workflow_id))
+    return specific is not None and bool(specific.receivers)
 
 
 def broadcast(event: Event) -> None:

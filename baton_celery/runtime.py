@@ -35,6 +35,7 @@ class Runtime:
         # dropping defaults added later. See install().
         self._config = config
         self._store: Store | None = None
+        self._defers_begin: bool | None = None
         self._lock = threading.Lock()
 
     @property
@@ -86,6 +87,18 @@ class Runtime:
             self._config = current
 
     @property
+    def defers_begin(self) -> bool:
+        """Whether a step's begin may be sent without waiting for its reply (see
+        ``hooks.on_task_prerun``): the store can, nothing here needs the begin's events
+        at once (the broker bridge would), and the broker marks redeliveries."""
+        known = self._defers_begin
+        if known is None:
+            known = self._defers_begin = (
+                self.store.defers_begin and not self.broker_bridge and _flags_redeliveries(self.app)
+            )
+        return known
+
+    @property
     def broker_bridge(self) -> bool:
         """Whether events go to the broker bridge: the bridge is on and the store does
         not publish them itself."""
@@ -103,6 +116,21 @@ class Runtime:
             return None
         text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
         return cut_error(text, self.config.max_error_length)
+
+
+#: Brokers whose redelivered messages say so (``delivery_info["redelivered"]``): AMQP
+#: natively, kombu's Redis transport when it restores unacked messages, and its
+#: in-process one (which only redelivers through the same restore).
+REDELIVERY_FLAGGED = frozenset(
+    {"amqp", "pyamqp", "amqps", "librabbitmq", "redis", "rediss", "sentinel", "memory"}
+)
+
+
+def _flags_redeliveries(app: Any) -> bool:
+    try:
+        return str(app.connection_for_read().transport_cls) in REDELIVERY_FLAGGED
+    except Exception:  # an unknown transport: ask the store every time
+        return False
 
 
 def runtime_for(app: Any) -> Runtime | None:

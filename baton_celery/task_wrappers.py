@@ -21,7 +21,14 @@ from celery.exceptions import Ignore, Reject
 from .announce import announce
 from .events import DISCARDED
 from .guard import guarded
-from .hooks import GATE_ATTR, RETRY_MARKED_ATTR, SNOOZE_DISPATCH_ATTR, mark_retrying, step_of
+from .hooks import (
+    GATE_ATTR,
+    RETRY_MARKED_ATTR,
+    SNOOZE_DISPATCH_ATTR,
+    collect_begin,
+    mark_retrying,
+    step_of,
+)
 from .identity import HEADER
 from .runtime import runtime_for
 from .stores.records import SKIP, SNOOZE
@@ -112,7 +119,7 @@ def mark_retry_first(original: Any) -> Callable[..., Any]:
                 exc = kwargs.get("exc")
                 if exc is None and len(args) >= 3:
                     exc = args[2]  # Task.retry(args, kwargs, exc, ...)
-                mark_retrying(ref, exc if exc is not None else sys.exc_info()[1])
+                mark_retrying(ref, request, exc if exc is not None else sys.exc_info()[1])
                 setattr(request, RETRY_MARKED_ATTR, True)
         try:
             return _bound(original, self)(*args, **kwargs)
@@ -143,6 +150,7 @@ def _discard_unretried(task: Any, request: Any, rejected: Reject) -> None:
         ref = step_of(task.app, request)
         if ref is None:
             return
+        collect_begin(ref, request)
         error = ref.runtime.error_text(f"retry could not be published: {rejected.reason!r}")
         announce(
             ref.runtime, ref.runtime.store.settle(ref.workflow_id, ref.step, DISCARDED, error=error)

@@ -145,10 +145,6 @@ class Workflow:
         for step in record.steps.values():
             if not step.deps:
                 step.dispatch = 1
-        try:
-            record.to_json()
-        except (TypeError, ValueError) as exc:
-            raise WorkflowError(f"workflow arguments must be JSON-serializable: {exc}") from exc
         runtime.store.create(record)
         pubsub.send_workflow_created(app, record.id, record.label)
         for step in record.steps.values():
@@ -173,6 +169,12 @@ def _check_signature(step: _Step) -> None:
     except (TypeError, ValueError) as exc:
         raise WorkflowError(
             f"step {step.name!r}: arguments must be JSON-serializable: {exc}"
+        ) from exc
+    try:
+        json.dumps(sig.options)
+    except (TypeError, ValueError) as exc:
+        raise WorkflowError(
+            f"step {step.name!r}: options must be JSON-serializable: {exc}"
         ) from exc
 
 

@@ -1,11 +1,15 @@
-"""The Celery app the benchmarks run in a real prefork worker (configured by environment).
+"""The Celery app the throughput benchmark runs in a real prefork worker (configured by
+environment).
 
 BENCH_BROKER   the broker URL (Redis)
 BENCH_QUEUE    the queue of this run
-BENCH_BATON    "1": install baton_celery on the app (store BENCH_STORE); "bridge": and the
-               broker bridge too
-BENCH_SIGNALS  a Redis URL: the worker pushes "ready" there, and one entry per workflow
-               finish (baton) or per ``bench.last`` task (a chain's end)
+BENCH_BATON    "0": baton not installed; "installed": installed (the run sends plain
+               tasks only); "1": installed, on the store BENCH_STORE; "bridge": and the
+               bridge on (a listener follows the events in the benchmark's process)
+BENCH_SIGNALS  a Redis URL: the worker pushes "ready" there, and one entry per
+               ``bench.last`` task (the end of a chain or of a sequential workflow)
+
+No receiver of baton's events runs in the worker: ends are seen through ``bench.last``.
 """
 
 from __future__ import annotations
@@ -50,11 +54,6 @@ def signals_db() -> redis.Redis:
     return _signals[1]
 
 
-def _finished(workflow_id: str, event: Any = None, **_: Any) -> None:
-    if isinstance(event, baton_celery.WorkflowFinished):
-        signals_db().rpush("bench:done", repr(time.time()))
-
-
 def _chain_end(sender: Any = None, **_: Any) -> None:
     if getattr(sender, "name", "") == "bench.last":
         signals_db().rpush("bench:done", repr(time.time()))
@@ -72,4 +71,3 @@ if "BENCH_SIGNALS" in os.environ:
         app.conf.baton_store = os.environ["BENCH_STORE"]
         app.conf.baton_bridge = mode == "bridge"
         baton_celery.install(app)
-        baton_celery.subscribe_all(_finished)

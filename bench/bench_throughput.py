@@ -1,11 +1,15 @@
-"""Throughput and latency of baton_celery on a real prefork worker (-c 2), Redis broker,
-no-op tasks, results ignored, side by side with bare Celery in one run:
+"""Throughput of baton_celery on a real prefork worker (-c 2), Redis broker, no-op tasks,
+results ignored, side by side with bare Celery in one run (median of alternating rounds):
 
-- N workflow steps (workflows x parallel steps) with baton on the Redis store, vs N bare
-  tasks, vs N bare tasks with Celery's task events on (-E): tasks/s and ratios to bare;
-- a sequential workflow of 20 steps vs the same 20 tasks as a chain: wall time.
+- parallel: N tasks as workflows of parallel steps (baton; and with the bridge on and a
+  listener following every event), vs N bare tasks, vs N bare tasks with baton installed
+  (tasks that are not steps);
+- sequential: workflows of S sequential steps vs Celery chains of S tasks, all submitted
+  at once: tasks/s until every one ended;
+- one sequential workflow vs one chain, wall time (median of reps).
 
-Run: python bench/bench_throughput.py [--workflows 100 --width 20 --rounds 3]
+Run: python bench/bench_throughput.py [--workflows 150 --width 20 --rounds 3]
+     [--store redis|sqlite]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,18 +34,33 @@ sys.path.insert(0, str(HERE.parent))
 
 from _servers import own_redis  # noqa: E402
 
-SCENARIOS = ("bare", "bare -E", "baton")
+#: scenario -> (what the worker runs: BENCH_BATON, the shape of the work)
+SCENARIOS = {
+    "bare": ("0", "tasks"),
+    "bare, baton installed": ("installed", "tasks"),
+    "baton": ("1", "parallel"),
+    "baton + listener": ("bridge", "parallel"),
+    "chains": ("0", "chains"),
+    "baton sequential": ("1", "sequential"),
+}
+#: Each ratio: (scenario, the scenario it is compared with).
+RATIOS = [
+    ("bare, baton installed", "bare"),
+    ("baton", "bare"),
+    ("baton + listener", "bare"),
+    ("baton sequential", "chains"),
+]
 
 
 class Worker:
-    def __init__(self, port: int, queue: str, mode: str, events: bool) -> None:
+    def __init__(self, port: int, store: str, queue: str, mode: str) -> None:
         self.db = redis.Redis(port=port, db=2)
         self.db.delete("bench:ready", "bench:done")
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
             "BENCH_BROKER": f"redis://127.0.0.1:{port}/0",
-            "BENCH_STORE": f"redis://127.0.0.1:{port}/1",
+            "BENCH_STORE": store,
             "BENCH_SIGNALS": f"redis://127.0.0.1:{port}/2",
             "BENCH_QUEUE": queue,
             "BENCH_BATON": mode,
@@ -48,8 +68,6 @@ class Worker:
         cmd = [sys.executable, "-m", "celery", "-A", "bench_app", "worker", "-P", "prefork",
                "-c", "2", "-Q", queue, "-l", "WARNING", "--without-mingle",
                "--without-gossip", "--without-heartbeat", "-n", f"{queue}@%h"]  # fmt: skip
-        if events:
-            cmd.append("-E")
         self.process = subprocess.Popen(
             cmd, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -66,9 +84,10 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.db.close()
 
 
-def client_app(port: int, queue: str, baton: bool) -> Any:
+def client_app(port: int, store: str, queue: str, mode: str) -> Any:
     from celery import Celery
 
     import baton_celery
@@ -79,13 +98,46 @@ def client_app(port: int, queue: str, baton: bool) -> Any:
         task_default_queue=queue,
         task_ignore_result=True,
     )
-    if baton:
-        app.conf.baton_store = f"redis://127.0.0.1:{port}/1"
+    if mode != "0":
+        app.conf.baton_store = store
+        app.conf.baton_bridge = mode == "bridge"
         baton_celery.install(app)
     return app
 
 
-def drained(broker: redis.Redis, queue: str) -> bool:
+def submit(app: Any, shape: str, workflows: int, width: int) -> list[str]:
+    """Queue the work; the ids of the workflows made."""
+    from celery import chain
+
+    from baton_celery import Workflow
+
+    noop, last = app.signature("bench.noop"), app.signature("bench.last")
+    ids = []
+    if shape in ("parallel", "sequential"):
+        for w in range(workflows):
+            flow = Workflow(label="bench")
+            for i in range(width):
+                if shape == "parallel":
+                    flow.add(f"s{i}", noop.clone(args=(w, i)))
+                else:
+                    task = last if i == width - 1 else noop
+                    flow.add(f"s{i}", task.clone(args=(w, i)), deps=[f"s{i - 1}"] if i else [])
+            ids.append(flow.apply_async(app=app).id)
+    elif shape == "chains":
+        for w in range(workflows):
+            links = [noop.clone(args=(w, i)) for i in range(width - 1)]
+            chain(*links, last.clone(args=(w,))).apply_async()
+    else:
+        with app.producer_or_acquire() as producer:
+            for w in range(workflows):
+                for i in range(width):
+                    noop.clone(args=(w, i)).apply_async(producer=producer)
+    return ids
+
+
+def finished(broker: redis.Redis, signals_db: redis.Redis, queue: str, shape: str, n: int) -> bool:
+    if shape in ("chains", "sequential"):
+        return int(signals_db.llen("bench:done")) >= n
     pipe = broker.pipeline(transaction=False)
     pipe.llen(queue)
     pipe.hlen("unacked")
@@ -93,69 +145,74 @@ def drained(broker: redis.Redis, queue: str) -> bool:
     return int(length) == 0 and int(unacked) == 0
 
 
-def throughput(port: int, scenario: str, workflows: int, width: int) -> float:
-    from baton_celery import Workflow
+def throughput(port: int, store: str, scenario: str, workflows: int, width: int) -> float:
+    import baton_celery
 
+    mode, shape = SCENARIOS[scenario]
     queue = f"bench-{uuid.uuid4().hex[:8]}"
-    baton = scenario == "baton"
-    app = client_app(port, queue, baton)
-    noop = app.signature("bench.noop")
-    ids = []
-    if baton:
-        for w in range(workflows):
-            flow = Workflow(label="bench")
-            for i in range(width):
-                flow.add(f"s{i}", noop.clone(args=(w, i)))
-            ids.append(flow.apply_async(app=app).id)
-    else:
-        with app.producer_or_acquire() as producer:
-            for w in range(workflows):
-                for i in range(width):
-                    noop.clone(args=(w, i)).apply_async(producer=producer)
+    app = client_app(port, store, queue, mode)
+    ids = submit(app, shape, workflows, width)
+    listener = baton_celery.listen(app) if mode == "bridge" else None
+    events: list[int] = []
+
+    def count(workflow_id: str, event: Any = None, **_: Any) -> None:
+        events.append(1)
+
+    if listener is not None:
+        baton_celery.subscribe_all(count)
     broker = redis.Redis(port=port, db=0)
-    worker = Worker(port, queue, "1" if baton else "0", events=scenario == "bare -E")
+    worker = Worker(port, store, queue, mode)
     try:
-        while not drained(broker, queue):
-            time.sleep(0.02)  # polling the queue's length: 20 ms keeps the poll off the CPU
+        while not finished(broker, worker.db, queue, shape, workflows):
+            time.sleep(0.02)  # polling the queue: 20 ms keeps the poll off the CPU
         elapsed = time.time() - worker.ready_at
     finally:
         worker.stop()
-    if baton:  # every workflow must have finished, exactly as the worker claimed
+        if listener is not None:
+            listener.stop()
+            baton_celery.unsubscribe_all(count)
+        broker.delete(queue)
+        broker.close()
+    if ids:  # every workflow must have finished, exactly as the worker claimed
         from baton_celery.runtime import runtime_for
 
-        store = runtime_for(app).store  # type: ignore[union-attr]
-        outcomes = [store.load(i).outcome for i in ids]
+        runtime = runtime_for(app)
+        assert runtime is not None
+        outcomes = [runtime.store.summary(i).state for i in ids]
         assert outcomes == ["completed"] * workflows, outcomes
-    broker.delete(queue)
+        if listener is not None:  # the listener saw every event (2 a step, 1 a finish)
+            assert len(events) == workflows * (2 * width + 1), len(events)
+        baton_celery.uninstall(app)
     return workflows * width / elapsed
 
 
-def sequential(port: int, steps: int, reps: int) -> tuple[list[float], list[float]]:
+def one_sequence(port: int, store: str, steps: int, reps: int) -> tuple[list[float], list[float]]:
+    """Wall time of one sequential workflow and of one chain, alternating."""
     from celery import chain
 
     from baton_celery import Workflow
 
     queue = f"bench-{uuid.uuid4().hex[:8]}"
-    app = client_app(port, queue, baton=True)
+    app = client_app(port, store, queue, "1")
     noop, last = app.signature("bench.noop"), app.signature("bench.last")
-    worker = Worker(port, queue, "1", events=False)
-    signals_db = worker.db
+    worker = Worker(port, store, queue, "1")
     flows, chains = [], []
     try:
         for rep in range(reps + 2):  # the first two warm the pool up
             flow = Workflow(label="seq")
             for i in range(steps):
-                flow.add(f"s{i}", noop.clone(args=(i,)), deps=[f"s{i - 1}"] if i else [])
+                task = last if i == steps - 1 else noop
+                flow.add(f"s{i}", task.clone(args=(i,)), deps=[f"s{i - 1}"] if i else [])
             started = time.time()
             flow.apply_async(app=app)
-            popped = signals_db.blpop(["bench:done"], timeout=60)
+            popped = worker.db.blpop(["bench:done"], timeout=60)
             assert popped is not None, "the workflow did not finish"
             if rep >= 2:
                 flows.append(float(popped[1]) - started)
             canvas = chain(*[noop.clone(args=(i,)) for i in range(steps - 1)], last.clone())
             started = time.time()
             canvas.apply_async()
-            popped = signals_db.blpop(["bench:done"], timeout=60)
+            popped = worker.db.blpop(["bench:done"], timeout=60)
             assert popped is not None, "the chain did not finish"
             if rep >= 2:
                 chains.append(float(popped[1]) - started)
@@ -166,32 +223,38 @@ def sequential(port: int, steps: int, reps: int) -> tuple[list[float], list[floa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workflows", type=int, default=100)
+    parser.add_argument("--workflows", type=int, default=150)
     parser.add_argument("--width", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seq-steps", type=int, default=20)
     parser.add_argument("--seq-reps", type=int, default=15)
+    parser.add_argument("--store", choices=("redis", "sqlite"), default="redis")
+    parser.add_argument("--only", nargs="*", default=list(SCENARIOS), help="scenarios to run")
     args = parser.parse_args(argv)
     n = args.workflows * args.width
-    with own_redis() as port:
-        rates: dict[str, list[float]] = {s: [] for s in SCENARIOS}
+    with own_redis() as port, tempfile.TemporaryDirectory() as tmp:
+        if args.store == "redis":
+            store = f"redis://127.0.0.1:{port}/1"
+        else:
+            store = f"sqlite:///{tmp}/bench.sqlite3"
+        rates: dict[str, list[float]] = {s: [] for s in args.only}
         for round_ in range(args.rounds):  # interleaved, so drifts hit every scenario
-            for scenario in SCENARIOS:
-                rate = throughput(port, scenario, args.workflows, args.width)
+            for scenario in args.only:
+                rate = throughput(port, store, scenario, args.workflows, args.width)
                 rates[scenario].append(rate)
-                print(f"  round {round_ + 1}: {scenario:8s} {rate:7.0f} tasks/s", flush=True)
-        flows, chains = sequential(port, args.seq_steps, args.seq_reps)
-    bare = statistics.median(rates["bare"])
-    print(f"\nThroughput: {n} tasks ({args.workflows} workflows x {args.width} parallel "
-          f"steps for baton), prefork -c 2, Redis broker, median of {args.rounds}")  # fmt: skip
-    for scenario in SCENARIOS:
-        rate = statistics.median(rates[scenario])
-        print(f"  {scenario:8s} {rate:7.0f} tasks/s   ratio to bare {rate / bare:.3f}")
+                print(f"  round {round_ + 1}: {scenario:22s} {rate:7.0f} tasks/s", flush=True)
+        flows, chains = one_sequence(port, store, args.width, args.seq_reps)
+    print(f"\nThroughput, {args.store} store: {n} no-op tasks ({args.workflows} x {args.width})"
+          f", prefork -c 2, Redis broker, median of {args.rounds} rounds")  # fmt: skip
+    median = {s: statistics.median(r) for s, r in rates.items()}
+    for scenario, rate in median.items():
+        print(f"  {scenario:22s} {rate:7.0f} tasks/s")
+    for scenario, base in RATIOS:
+        if scenario in median and base in median:
+            print(f"  {scenario:22s} / {base:8s} {median[scenario] / median[base]:.3f}")
     flow_t, chain_t = statistics.median(flows), statistics.median(chains)
-    print(f"\nSequential: {args.seq_steps} steps, median of {args.seq_reps} runs")
-    print(f"  baton workflow {flow_t * 1000:7.1f} ms")
-    print(f"  celery chain   {chain_t * 1000:7.1f} ms")
-    print(f"  ratio          {flow_t / chain_t:.3f}")
+    print(f"\nOne sequential workflow of {args.width} steps vs one chain, median of "
+          f"{args.seq_reps}: {flow_t * 1000:.1f} vs {chain_t * 1000:.1f} ms, "
+          f"ratio {flow_t / chain_t:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

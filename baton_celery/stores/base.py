@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from ..events import COMPLETED, Event
 from . import records
 from .records import RUNNING, Transition, WorkflowRecord, WorkflowSummary
 
-__all__ = ["WORKFLOW_STATES", "RecordStore", "Store", "StoreError", "UnknownWorkflow"]
+__all__ = [
+    "WORKFLOW_STATES",
+    "Deferred",
+    "RecordStore",
+    "Store",
+    "StoreError",
+    "UnknownWorkflow",
+]
 
 #: The states :meth:`Store.workflows` filters on.
 WORKFLOW_STATES = (RUNNING, "completed", "failed")
@@ -24,6 +31,24 @@ class StoreError(Exception):
 
 class UnknownWorkflow(KeyError):
     """No workflow with this id is stored (never created, or pruned after its retention)."""
+
+
+class Deferred(Protocol):
+    """A transition sent without waiting for its reply (see ``Store.begin_deferred``)."""
+
+    def result(self) -> Transition:
+        """Its reply (read now, if it was not yet); StoreError when it cannot be read."""
+        ...
+
+
+class Done:
+    """A transition that was applied at once: its reply is here already."""
+
+    def __init__(self, out: Transition) -> None:
+        self.out = out
+
+    def result(self) -> Transition:
+        return self.out
 
 
 class Store(abc.ABC):
@@ -50,6 +75,8 @@ class Store(abc.ABC):
     feed_channel: str | None = None
     #: Where it does publish them ("": nowhere); the runtime sets it when the bridge is on.
     channel: str = ""
+    #: Whether :meth:`begin_deferred` sends the begin without waiting for its reply.
+    defers_begin: bool = False
 
     @abc.abstractmethod
     def create(self, record: WorkflowRecord) -> None: ...
@@ -63,6 +90,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def begin(self, workflow_id: str, step: str, dispatch: int) -> Transition: ...
+
+    def begin_deferred(self, workflow_id: str, step: str, dispatch: int) -> Deferred:
+        """:meth:`begin`, its reply read later: for a message whose gate answer is known
+        (``run``), so that the task's body need not wait for the store. Stores that
+        cannot send without waiting apply it at once."""
+        return Done(self.begin(workflow_id, step, dispatch))
 
     @abc.abstractmethod
     def retrying(self, workflow_id: str, step: str, error: str | None) -> Transition: ...

@@ -48,6 +48,10 @@ class Settings:
     store_timeout: float = 5.0
     otel_spans: str | None = None  # baton_otel on, every process's spans to this file
     metrics_dir: str | None = None  # baton_metrics on, PROMETHEUS_MULTIPROC_DIR for workers
+    # The workers forward every event to the sink through a receiver of their own; off,
+    # no receiver runs in them (steps take the path that does not wait for the store),
+    # and the tests follow the events through a listener and the store's history.
+    observe_events: bool = True
 
     @property
     def control(self) -> str:
@@ -214,9 +218,10 @@ def announce_ready(sender: Any = None, **_: Any) -> None:
 def observe(**_: Any) -> None:
     """In a worker's main process, before its pool forks: report to the sink. (Other
     commands of this app, ``celery baton watch``, report nothing.)"""
-    # The raising receiver is subscribed first: the forwarder must still get every event.
-    baton_celery.subscribe_all(explode)
-    baton_celery.subscribe_all(forward)
+    if Settings.from_env().observe_events:
+        # The raising receiver is subscribed first: the forwarder must still get every event.
+        baton_celery.subscribe_all(explode)
+        baton_celery.subscribe_all(forward)
     signals.task_postrun.connect(record_postrun, weak=False)
     signals.worker_ready.connect(announce_ready, weak=False)
 
