@@ -5,9 +5,10 @@ Spans: every process (this client, each worker's processes) exports to JSON-line
 (see span_lines.py). Metrics: the workers write prometheus-client's multiprocess files,
 and ``celery baton metrics`` serves them over HTTP, scraped here.
 
-The instrumentation's receivers are connected when baton is installed (create_app), so
-they run before the sink's forwarder (connected at worker_init): once the sink has an
-event, what the instrumentation made of it is written.
+What the instrumentation makes of a step's events is written before that step's
+task_postrun (its receivers run in the settle, and the finish in the last settle): a
+test waits for every step's final task_postrun (see :func:`settled`), not for the sink's
+copy of the events, which another receiver forwards in no particular order.
 """
 
 from __future__ import annotations
@@ -61,6 +62,26 @@ def failing(steps: Steps) -> Workflow:
     )
 
 
+FINAL = ("SUCCESS", "FAILURE")
+
+
+def settled(cluster: Cluster, *handles: WorkflowHandle) -> None:
+    """Wait until each workflow finished and every step that ran reached its final
+    task_postrun: then every span and count of its events is written."""
+    for handle in handles:
+        cluster.events_until_finish(handle.id)
+    ran = [
+        step.job_id
+        for handle in handles
+        for step in WorkflowHandle(handle.id, cluster.app).status().steps.values()
+        if step.attempt > 0
+    ]
+    cluster.wait_postruns(
+        lambda by_task: all(any(s in FINAL for s in by_task.get(j, ())) for j in ran),
+        "every step's final task_postrun",
+    )
+
+
 def of(spans: list[dict[str, Any]], workflow_id: str) -> dict[str, list[dict[str, Any]]]:
     """The workflow's spans by name, attempts in order."""
     found: dict[str, list[dict[str, Any]]] = {}
@@ -86,8 +107,7 @@ def test_one_trace_per_workflow_across_two_pool_processes(
     steps.release("b")
     steps.release("c")
     fail = failing(steps).apply_async()  # no span is current: a start span is made
-    for handle in (dia, fail):
-        cluster.events_until_finish(handle.id)
+    settled(cluster, dia, fail)
     spans = read_spans(workers_file, client_spans)
 
     # The diamond: children of the caller's span, in its trace.
@@ -220,8 +240,7 @@ def test_metrics_scraped_over_http_match_the_run(
     cluster = make_cluster("metrics", "redis", metrics_dir=str(directory))
     steps = cluster.steps()
     dia, fail = diamond(steps).apply_async(), failing(steps).apply_async()
-    for handle in (dia, fail):
-        cluster.events_until_finish(handle.id)
+    settled(cluster, dia, fail)
     held = Workflow(label="held").add("h", steps.s("h", block=True)).apply_async()
     steps.wait_started("h")
     try:

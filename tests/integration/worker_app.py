@@ -99,11 +99,6 @@ def create_app(settings: Settings) -> Celery:
         app.conf.update(baton_otel=True)
     if settings.metrics_dir is not None:
         app.conf.update(baton_metrics=True)
-    if settings.otel_spans is not None or settings.metrics_dir is not None:
-        # Load the configuration now, so that install() connects the instrumentation
-        # at once: before the sink's forwarder (worker_init), so that once the sink has
-        # an event, its span or count is written.
-        assert app.conf.broker_url
 
     @app.task(name=STEP, shared=False, bind=True, max_retries=2, default_retry_delay=0.1)
     def step(
