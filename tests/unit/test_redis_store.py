@@ -493,16 +493,18 @@ def ran(task_id: str) -> Iterator[None]:
 
 
 def test_a_first_delivery_begins_without_waiting_for_the_store() -> None:
-    """On the Redis store, with no receiver in the worker, a released step's begin is
-    sent and its reply read with the settle; with a receiver it waits (the receiver
-    wants the executing event at once). Either way the events and the finish are the
-    same."""
+    """On the Redis store with baton_fast_begin, with no receiver in the worker, a
+    released step's begin is sent and its reply read with the settle; with a receiver it
+    waits (the receiver wants the executing event at once). Either way the events and
+    the finish are the same."""
     prefix = unique_prefix()
     app = Celery(f"deferred-{prefix}", set_as_current=False)
     app.conf.update(
-        broker_url="memory://", broker_connection_retry_on_startup=True,
+        broker_url="redis://127.0.0.1:6379/14", broker_connection_retry_on_startup=True,
+        broker_transport_options={"global_keyprefix": f"{prefix}:"},
         task_ignore_result=True, worker_hijack_root_logger=False,
         task_default_queue=f"q-{prefix}", baton_store=shared_redis_url(prefix),
+        baton_fast_begin=True,
     )  # fmt: skip
 
     @app.task(name=f"{prefix}.noop")
@@ -554,6 +556,7 @@ def test_a_redelivered_or_early_message_waits_for_the_gate() -> None:
 
     app = Celery("gate-known", broker="redis://127.0.0.1:6379/0", set_as_current=False)
     app.conf.baton_store = shared_redis_url(unique_prefix())
+    app.conf.baton_fast_begin = True
     runtime = baton_celery.install(app)
     try:
         first = Context(delivery_info={"redelivered": False}, is_eager=False)
@@ -561,5 +564,11 @@ def test_a_redelivered_or_early_message_waits_for_the_gate() -> None:
         assert _gate_known(StepRef(runtime, "w", "s", 1), first)
         assert not _gate_known(StepRef(runtime, "w", "s", 1), again)
         assert not _gate_known(StepRef(runtime, "w", "s", 0), first)  # early / snoozed copy
+    finally:
+        baton_celery.uninstall(app)
+    app.conf.baton_fast_begin = False  # the default: always ask the store
+    runtime = baton_celery.install(app)
+    try:
+        assert not _gate_known(StepRef(runtime, "w", "s", 1), first)
     finally:
         baton_celery.uninstall(app)
