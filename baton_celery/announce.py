@@ -22,6 +22,7 @@ from . import bridge, pubsub
 from .dispatch import publish_step
 from .events import DISCARDED, Event, WorkflowFinished
 from .guard import log_failure
+from .listener import delivered_here, listening
 from .stores.records import Released, Transition
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 def _deliver(runtime: Runtime, event: Event) -> None:
     pubsub.broadcast(event)
+    if listening(runtime.app):  # this process also listens: not twice from its history
+        delivered_here(runtime.app, event)
     bridge.publish(runtime, event)
 
 

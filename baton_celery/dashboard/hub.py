@@ -175,7 +175,7 @@ class Hub:
         summary = advance(known, event) if known is not None else None
         if summary is None:
             try:
-                summary = self.store.load(event.workflow_id).summary()
+                summary = self.store.summary(event.workflow_id)
             except (UnknownWorkflow, StoreError) as exc:
                 logger.warning(SUMMARY_FAILED, event.workflow_id, exc)
                 return None

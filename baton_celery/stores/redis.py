@@ -386,8 +386,10 @@ class RedisStore(Store):
         running ones); with ``active_since``, every workflow running or finished since."""
         try:
             if active_since is not None:
-                ids = self.client.zrangebyscore(self._global("done"), active_since, "+inf")
-                ids += self.client.zrange(self._global("live"), 0, -1)
+                # The running ones (newest first), then those finished since, newest first.
+                top = "+inf" if before is None else f"({before!r}"
+                ids = self.client.zrevrangebyscore(self._global("live"), top, "-inf")
+                ids += self.client.zrevrangebyscore(self._global("done"), "+inf", active_since)
                 ids = [text(i) for i in dict.fromkeys(ids)][:SCAN_LIMIT]
                 for i in range(0, len(ids), SCAN_BATCH):
                     yield ids[i : i + SCAN_BATCH]

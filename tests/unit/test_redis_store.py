@@ -572,3 +572,52 @@ def test_a_redelivered_or_early_message_waits_for_the_gate() -> None:
         assert not _gate_known(StepRef(runtime, "w", "s", 1), first)
     finally:
         baton_celery.uninstall(app)
+
+
+def test_a_transition_too_big_for_the_channel_is_read_from_the_store() -> None:
+    """A cancel of a big workflow makes one channel message with every cancelled step:
+    over the listener's size bound, it is dropped, and the workflow's events are read
+    from the store instead (none lost, none twice)."""
+    from baton_celery.testing import EventLog
+
+    prefix = unique_prefix()
+    app = Celery(f"big-{prefix}", set_as_current=False)
+    app.conf.update(broker_url="memory://", baton_store=shared_redis_url(prefix), baton_bridge=True)
+    runtime = baton_celery.install(app)
+    try:
+        record = flat_record(60)
+        runtime.store.create(record)
+        got = EventLog()
+        with baton_celery.listen(app, deliver=got.add, max_message=2000) as listener:
+            assert listener.ready
+            handle = baton_celery.WorkflowHandle(record.id, app)
+            handle.cancel()
+            got.wait_finished(timeout=10)
+            assert listener.malformed == 1
+        assert list(got) == handle.events() and len(got) == 61
+    finally:
+        baton_celery.uninstall(app)
+
+
+def test_active_since_keeps_the_running_and_the_newest_finished_within_its_bound(
+    redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its bound, the activity query keeps what a replay needs most: every running
+    workflow, then the most recently finished."""
+    import baton_celery.stores.redis as module
+
+    label = f"bound-{uuid.uuid4().hex[:6]}"
+    finished, running = [], flat_record(1)
+    for _ in range(4):
+        record = flat_record(1)
+        record.label = label
+        redis_store.create(record)
+        redis_store.settle(record.id, "s0", "completed")
+        finished.append(record.id)
+    running.label = label
+    redis_store.create(running)
+    monkeypatch.setattr(module, "SCAN_LIMIT", 3)
+    since = redis_store.summary(finished[0]).finished_at
+    assert since is not None
+    found = {s.id for s in redis_store.workflows(label=label, active_since=since)}
+    assert found == {running.id, finished[3], finished[2]}
