@@ -23,7 +23,7 @@ from .dispatch import publish_step
 from .events import DISCARDED, Event, WorkflowFinished
 from .guard import log_failure
 from .listener import delivered_here, listening
-from .stores.records import Released, Transition
+from .stores.transition import Released, Transition
 
 if TYPE_CHECKING:
     from .runtime import Runtime

@@ -26,7 +26,7 @@ from .. import pubsub
 from ..events import Event
 from ..listener import Listener, listen
 from ..stores import Store, StoreError, UnknownWorkflow
-from ..stores.records import WorkflowSummary
+from ..stores.transition import WorkflowSummary
 from .messages import CLOSED, Item, event_item, summary_item
 from .views import advance
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from ..events import Event
 from ..stores import Store, StoreError, UnknownWorkflow
-from ..stores.records import WorkflowSummary
+from ..stores.transition import WorkflowSummary
 from .hub import Subscription
 from .messages import END, KEEPALIVE, event_item, sse, summary_item
 

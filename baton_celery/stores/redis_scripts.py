@@ -14,17 +14,8 @@ from importlib import resources
 from typing import Any
 
 from ..events import Event, StepUpdated, WorkflowFinished
-from .records import (
-    RUN,
-    SKIP,
-    SNOOZE,
-    WORKFLOW_CANCELLED,
-    Finish,
-    Released,
-    StepRecord,
-    Transition,
-    WorkflowRecord,
-)
+from .records import RUN, SKIP, SNOOZE, WORKFLOW_CANCELLED, StepRecord, WorkflowRecord
+from .transition import Finish, Released, Transition
 
 __all__ = [
     "SCRIPTS",

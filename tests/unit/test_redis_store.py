@@ -604,7 +604,7 @@ def test_active_since_keeps_the_running_and_the_newest_finished_within_its_bound
 ) -> None:
     """Past its bound, the activity query keeps what a replay needs most: every running
     workflow, then the most recently finished."""
-    import baton_celery.stores.redis as module
+    import baton_celery.stores.redis_index as module
 
     label = f"bound-{uuid.uuid4().hex[:6]}"
     finished, running = [], flat_record(1)
