@@ -291,6 +291,9 @@ def test_retention_removes_a_finished_workflow(redis_store: RedisStore) -> None:
     assert workflow_keys(redis_store, record.id) == []
     with pytest.raises(UnknownWorkflow):
         redis_store.load(record.id)
+    with pytest.raises(UnknownWorkflow):
+        redis_store.history(record.id)  # the history expired with it
+    assert record.id not in {s.id for s in redis_store.workflows(label="flat")}
     assert redis_store.locate(record.steps["s0"].job_id) is None
     assert redis_store.load(live.id).steps["s0"].state == "pending"  # not finished: kept
 
