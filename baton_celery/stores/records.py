@@ -22,6 +22,7 @@ from ..events import (
     EXECUTING,
     RETRYABLE,
     SNOOZED,
+    Event,
     StepUpdated,
     WorkflowFinished,
     cut_error,
@@ -201,8 +202,14 @@ def _emit(record: WorkflowRecord, out: Transition, step: StepRecord, state: str)
     record.seq += 1
     step.seq = record.seq
     step.updated_at = record.updated_at
-    out.events.append(step_event(record.id, record.label, step, state))
+    _made(out).append(step_event(record.id, record.label, step, state))
     return step
+
+
+def _made(out: Transition) -> list[Event]:
+    """The events a transition of this module makes (a plain list, in order)."""
+    assert isinstance(out.events, list)
+    return out.events
 
 
 def _applied(record: WorkflowRecord, **fields: Any) -> Transition:
@@ -264,7 +271,7 @@ def _claim_finish(record: WorkflowRecord, out: Transition) -> None:
         finished_at=record.finished_at,
         seq=record.seq,
     )
-    out.events.append(finish_event(record.id, record.label, out.finish))
+    _made(out).append(finish_event(record.id, record.label, out.finish))
 
 
 def _cancel_at_gate(

@@ -4,6 +4,7 @@ transitions (:mod:`.records`), every store, and the code that acts on a transiti
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from ..events import Event
@@ -75,4 +76,4 @@ class Transition:
     released: list[Released] = dataclasses.field(default_factory=list)
     revoke: list[str] = dataclasses.field(default_factory=list)
     finish: Finish | None = None
-    events: list[Event] = dataclasses.field(default_factory=list)
+    events: Sequence[Event] = dataclasses.field(default_factory=list)
