@@ -22,7 +22,8 @@ from . import bridge, pubsub
 from .dispatch import publish_step
 from .events import DISCARDED, Event, WorkflowFinished
 from .guard import log_failure
-from .stores.records import Released, Transition
+from .listener import delivered_here, listening
+from .stores.transition import Released, Transition
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -34,21 +35,36 @@ logger = logging.getLogger(__name__)
 
 def _deliver(runtime: Runtime, event: Event) -> None:
     pubsub.broadcast(event)
+    if listening(runtime.app):  # this process also listens: not twice from its history
+        delivered_here(runtime.app, event)
     bridge.publish(runtime, event)
 
 
+def _wanted(runtime: Runtime, workflow_id: str) -> bool:
+    """Whether anything in this process takes the workflow's events: a receiver, this
+    process's listener, the broker bridge. (The store kept them, and published them when
+    it is the bridge, whatever this says.)"""
+    return (
+        pubsub.has_receivers(workflow_id)
+        or runtime.broker_bridge
+        or listening(runtime.app)
+        or bool(pubsub.workflow_finished_telemetry.receivers)
+    )
+
+
 def announce(runtime: Runtime, out: Transition) -> None:
-    """Deliver every event a committed transition made (none when it changed nothing),
-    and publish the steps it released."""
+    """Deliver every event a committed transition made (none when it changed nothing,
+    or when nothing here takes them), and publish the steps it released."""
+    wanted = bool(out.events) and _wanted(runtime, out.workflow_id)
+    events = list(out.events) if wanted else []
     finish = out.finish
-    for event in out.events:
-        if isinstance(event, WorkflowFinished):
-            continue
-        _deliver(runtime, event)
+    for event in events:
+        if not isinstance(event, WorkflowFinished):
+            _deliver(runtime, event)
     for step in out.released:
         publish_or_discard(runtime, out.workflow_id, out.workflow_label, step)
-    if finish is not None:
-        event = out.events[-1]
+    if finish is not None and events:
+        event = events[-1]
         assert isinstance(event, WorkflowFinished)
         _deliver(runtime, event)
         pubsub.send_finished_telemetry(event, finish.total_count, finish.duration)

@@ -33,6 +33,8 @@ class Config:
     snooze_delay: float = 1.0  # baton_snooze_delay: seconds before a snoozed step retries
     max_error_length: int = 2000  # baton_max_error_length: events' error strings are cut here
     store_results: bool = True  # baton_store_results: keep results for dependency_results()
+    # baton_fast_begin: a first delivery's begin does not wait for the store (see hooks)
+    fast_begin: bool = False
     # The broker bridge (baton_celery.bridge / baton_celery.listener):
     bridge: bool = False  # baton_bridge: also publish every event on the broker
     bridge_exchange: str = "baton_celery.events"  # baton_bridge_exchange: the fanout's name
@@ -61,6 +63,7 @@ class Config:
             snooze_delay=float(get("snooze_delay", cls.snooze_delay)),
             max_error_length=int(get("max_error_length", cls.max_error_length)),
             store_results=_flag(get("store_results", cls.store_results)),
+            fast_begin=_flag(get("fast_begin", cls.fast_begin)),
             bridge=_flag(get("bridge", cls.bridge)),
             bridge_exchange=str(get("bridge_exchange", cls.bridge_exchange)),
             bridge_background=_flag(get("bridge_background", cls.bridge_background)),

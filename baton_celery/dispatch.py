@@ -8,7 +8,7 @@ from typing import Any
 from .canvas import INPUT, RESULT, Tail, flatten
 from .identity import HEADER, StepIdentity
 from .runtime import runtime_for
-from .stores.records import Released
+from .stores.transition import Released
 
 __all__ = ["ResultNotPassable", "publish_step"]
 

@@ -4,8 +4,11 @@ fanout exchange (every other store; see :mod:`baton_celery.bridge`).
 
 A feed runs in the listener's thread until it is stopped or its connection fails (then
 it raises, and the listener reconnects). It calls back into the listener: ``on_ready()``
-once its subscription is proven live, ``on_event(event, origin)`` for each event,
-``on_malformed(reason)`` for a message it drops, and ``on_tick()`` often.
+once its subscription is proven live, ``on_alive()`` whenever the connection shows it
+works (a message, an answered probe), ``on_event(event, origin)`` for each event,
+``on_missed(workflow_id)`` for a message of a workflow it could not read (the listener
+reads that workflow's events from the store), ``on_malformed(reason)`` for a message it
+drops, and ``on_tick()`` often.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ class FeedListener(Protocol):
     max_message: int
 
     def on_ready(self) -> None: ...
+    def on_alive(self) -> None: ...
     def on_event(self, event: Event, origin: str) -> None: ...
+    def on_missed(self, workflow_id: str) -> None: ...
     def on_malformed(self, reason: str) -> None: ...
     def on_tick(self) -> None: ...
     def stopping(self) -> bool: ...
@@ -76,6 +81,7 @@ class StoreFeed:
                 now = time.monotonic()
                 if message is not None:
                     activity, pinged = now, 0.0
+                    listener.on_alive()
                     kind = message.get("type")
                     if kind in ("subscribe", b"subscribe"):
                         listener.on_ready()
@@ -96,13 +102,21 @@ class StoreFeed:
     def _accept(self, listener: FeedListener, data: Any, decode: Any) -> None:
         try:
             text = data.decode() if isinstance(data, bytes) else data
-            if not isinstance(text, str) or len(text) > listener.max_message:
-                raise ValueError("not text, or more than baton_bridge_max_message")
-            header, *lines = text.split("\n")
+            header, _, rest = text.partition("\n")
             workflow_id, label, origin = json.loads(header)
-            events = [decode(workflow_id, label or None, line) for line in lines]
+            if not isinstance(workflow_id, str):
+                raise ValueError(f"bad workflow id {workflow_id!r}")
         except Exception as exc:
             listener.on_malformed(f"{type(exc).__name__}: {exc}"[:500])
+            return
+        try:
+            if len(text) > listener.max_message:
+                raise ValueError(f"{len(text)} bytes, more than baton_bridge_max_message")
+            events = [decode(workflow_id, label or None, line) for line in rest.split("\n")]
+        except Exception as exc:
+            # A transition of a known workflow (a big cascade): its events are in the store.
+            listener.on_malformed(f"{type(exc).__name__}: {exc}"[:500])
+            listener.on_missed(workflow_id)
             return
         for event in events:
             listener.on_event(event, origin)
@@ -217,6 +231,7 @@ class BrokerFeed:
 
     def _on_message(self, listener: FeedListener, message: Any) -> None:
         self._activity = time.monotonic()
+        listener.on_alive()
         try:
             body = message.body
             size = len(body) if isinstance(body, (bytes, str)) else 0

@@ -129,10 +129,17 @@ def on_task_prerun(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
 
 
 def _gate_known(ref: StepRef, request: Any) -> bool:
-    """Whether the gate can only say "run": a message baton published (an early or a
-    snoozed copy carries dispatch 0), delivered for the first time (a redelivery may be
-    of a step that completed: the broker flags it), with no receiver in this process
-    waiting for the begin's events at once (the store publishes them)."""
+    """Whether to take the gate's answer as "run" without waiting (``baton_fast_begin``):
+    a message baton published (an early or a snoozed copy carries dispatch 0), delivered
+    for the first time (a redelivery may be of a step that completed: the broker flags
+    it), with no receiver in this process waiting for the begin's events at once (the
+    store publishes them).
+
+    The answer can still be "skip" in a few races, which this path gives up: the
+    workflow was cancelled but the revoke did not reach the worker (it was down), the
+    backstop discarded the step while its message waited, or the Redis broker restored
+    a message past its visibility timeout while the first copy was still prefetched.
+    Then the body runs once more; its settle changes nothing, and a warning says so."""
     return (
         ref.dispatch >= 1
         and ref.runtime.defers_begin

@@ -38,6 +38,7 @@ What a receiver may rely on:
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import weakref
@@ -54,7 +55,7 @@ from .reorder import Reorderer
 from .runtime import Runtime, runtime_for
 from .stores import UnknownWorkflow
 
-__all__ = ["Listener", "Reorderer", "listen", "listening"]
+__all__ = ["Listener", "Reorderer", "delivered_here", "listen", "listening"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,16 @@ def listening(app: Any) -> bool:
     with _listeners_lock:
         found = _listeners.get(app)
         return any(listener.ready for listener in found) if found else False
+
+
+def delivered_here(app: Any, event: Event) -> None:
+    """An event this process made was delivered to its receivers at once (announce):
+    its listeners must not deliver it again when the store's history brings it."""
+    with _listeners_lock:
+        found = _listeners.get(app)
+        listeners = list(found) if found else []
+    for listener in listeners:
+        listener._here.put((event.workflow_id, event.seq))
 
 
 def check_since(since: datetime | None) -> float | None:
@@ -148,6 +159,8 @@ class Listener:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._token = process_token()
+        # (workflow id, seq) of events this process delivered itself (delivered_here)
+        self._here: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
         self._connection_lost = RateLimitedLog(logger, logging.WARNING)
         self._replay_failed = RateLimitedLog(logger, logging.WARNING, traceback=False)
 
@@ -238,9 +251,15 @@ class Listener:
             self._connected.set()
             self._changed.notify_all()
 
+    def on_alive(self) -> None:
+        self._alive = time.time()
+
+    def on_missed(self, workflow_id: str) -> None:
+        """Events of this workflow came but could not be read: take them from the store."""
+        self._catch_up(workflow_id, self.since or self._started)
+
     def on_event(self, event: Event, origin: str) -> None:
         self.received += 1
-        self._alive = time.time()
         own = origin == self._token
         workflow_id = event.workflow_id
         # First seen mid-run: start where this listener's window starts (at this event
@@ -260,10 +279,20 @@ class Listener:
         logger.warning(DROPPED, reason)
 
     def on_tick(self) -> None:
-        self._alive = time.time() if self._connected.is_set() else self._alive
+        self._take_here()
         if self._replay_from is not None and time.time() - self._replay_tried >= REPLAY_RETRY:
             self._replay()
         self.reorderer.tick()
+
+    def _take_here(self) -> None:
+        """Mark what this process delivered itself as delivered (see delivered_here)."""
+        while True:
+            try:
+                workflow_id, seq = self._here.get_nowait()
+            except queue.Empty:
+                return
+            if self.reorderer.knows(workflow_id):
+                self.reorderer.push(workflow_id, seq, None)
 
     # --- the store's history ----------------------------------------------------------
 

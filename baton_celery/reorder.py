@@ -59,7 +59,8 @@ class Reorderer:
     process's own events, already delivered locally). A workflow's state is forgotten
     once its WorkflowFinished is delivered; at most ``max_workflows`` are tracked (the
     oldest is flushed and forgotten first), and a workflow idle for ``idle_after``
-    seconds is forgotten too.
+    seconds is forgotten too: both are parked with the number they would go on at, and
+    taken up there when the workflow speaks again.
     """
 
     def __init__(
@@ -82,6 +83,9 @@ class Reorderer:
         self.idle_after = idle_after
         self.flows: OrderedDict[str, _Flow] = OrderedDict()
         self.finished: OrderedDict[str, None] = OrderedDict()
+        # Flows forgotten while idle (or evicted), with the number they would go on at:
+        # taken up there when the workflow speaks again (a step running for hours).
+        self.parked: OrderedDict[str, int] = OrderedDict()
         self.waiting: set[str] = set()  # workflows with held events
         self.gaps = 0
         self.dropped = 0
@@ -89,12 +93,14 @@ class Reorderer:
 
     def knows(self, workflow_id: str) -> bool:
         """Whether the workflow is being followed, or finished and remembered."""
-        return workflow_id in self.flows or workflow_id in self.finished
+        return (
+            workflow_id in self.flows or workflow_id in self.finished or workflow_id in self.parked
+        )
 
     def next_of(self, workflow_id: str) -> int | None:
         """The number a followed workflow's next event must have (None: not followed)."""
         flow = self.flows.get(workflow_id)
-        return None if flow is None else flow.next
+        return self.parked.get(workflow_id) if flow is None else flow.next
 
     def open(self, workflow_id: str, first: int) -> None:
         """Follow a workflow from event ``first`` on (a listener that starts mid-run);
@@ -114,7 +120,8 @@ class Reorderer:
             return
         flow = self.flows.get(workflow_id)
         if flow is None:
-            flow = self.flows[workflow_id] = _Flow(seen=now)
+            first = self.parked.pop(workflow_id, 1)
+            flow = self.flows[workflow_id] = _Flow(next=first, seen=now)
             if len(self.flows) > self.max_workflows:
                 self._forget(next(iter(self.flows)), flush=True)
         else:
@@ -176,7 +183,8 @@ class Reorderer:
         if event is not None:
             self.deliver(event)
         if final:
-            self._forget(workflow_id, flush=False)
+            self.flows.pop(workflow_id, None)
+            self.waiting.discard(workflow_id)
             self.finished[workflow_id] = None
             if len(self.finished) > self.remember_finished:
                 self.finished.popitem(last=False)
@@ -186,11 +194,17 @@ class Reorderer:
     def _forget(self, workflow_id: str, *, flush: bool) -> None:
         flow = self.flows.pop(workflow_id, None)
         self.waiting.discard(workflow_id)
-        if flow is not None and flush:
+        if flow is None:
+            return
+        if flush:
             for seq in sorted(flow.held):
                 event = flow.held[seq][0]
                 if event is not None:
                     self.deliver(event)
+                flow.next = seq + 1
+        self.parked[workflow_id] = flow.next
+        while len(self.parked) > self.remember_finished:
+            self.parked.popitem(last=False)
 
     def _drop_late(self, workflow_id: str, seq: int) -> None:
         # Also every event a replay and the live feed both bring: normal, so quiet.

@@ -89,12 +89,16 @@ class Runtime:
     @property
     def defers_begin(self) -> bool:
         """Whether a step's begin may be sent without waiting for its reply (see
-        ``hooks.on_task_prerun``): the store can, nothing here needs the begin's events
-        at once (the broker bridge would), and the broker marks redeliveries."""
+        ``hooks.on_task_prerun``): ``baton_fast_begin`` is on, the store can, nothing
+        here needs the begin's events at once (the broker bridge would), and the broker
+        marks redeliveries."""
         known = self._defers_begin
         if known is None:
             known = self._defers_begin = (
-                self.store.defers_begin and not self.broker_bridge and _flags_redeliveries(self.app)
+                self.config.fast_begin
+                and self.store.defers_begin
+                and not self.broker_bridge
+                and _flags_redeliveries(self.app)
             )
         return known
 
@@ -119,10 +123,10 @@ class Runtime:
 
 
 #: Brokers whose redelivered messages say so (``delivery_info["redelivered"]``): AMQP
-#: natively, kombu's Redis transport when it restores unacked messages, and its
-#: in-process one (which only redelivers through the same restore).
+#: natively, kombu's Redis transport when it restores unacked messages. (Its virtual
+#: in-process transports mark the message itself, not its delivery_info.)
 REDELIVERY_FLAGGED = frozenset(
-    {"amqp", "pyamqp", "amqps", "librabbitmq", "redis", "rediss", "sentinel", "memory"}
+    {"amqp", "pyamqp", "amqps", "librabbitmq", "redis", "rediss", "sentinel"}
 )
 
 

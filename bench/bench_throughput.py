@@ -8,6 +8,11 @@ results ignored, side by side with bare Celery in one run (median of alternating
   at once: tasks/s until every one ended;
 - one sequential workflow vs one chain, wall time (median of reps).
 
+Besides tasks/s (wall time from the worker's start to the last task), each run reports
+the CPU it cost: the worker's processes (main and pool) and the redis-server serving
+broker and store, per task, read from /proc: a figure other load on the machine does not
+move much, where wall-clock throughput does. The scenarios' order rotates every round.
+
 Run: python bench/bench_throughput.py [--workflows 150 --width 20 --rounds 3]
      [--store redis|sqlite]
 """
@@ -50,6 +55,21 @@ RATIOS = [
     ("baton + listener", "bare"),
     ("baton sequential", "chains"),
 ]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU of a process and its children (the worker's pool) so far."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    return cpu_seconds(pid) + sum(cpu_seconds(int(c)) for c in children)
 
 
 class Worker:
@@ -145,7 +165,10 @@ def finished(broker: redis.Redis, signals_db: redis.Redis, queue: str, shape: st
     return int(length) == 0 and int(unacked) == 0
 
 
-def throughput(port: int, store: str, scenario: str, workflows: int, width: int) -> float:
+def throughput(
+    port: int, store: str, scenario: str, workflows: int, width: int
+) -> tuple[float, float]:
+    """tasks/s, and CPU microseconds per task (worker and redis-server)."""
     import baton_celery
 
     mode, shape = SCENARIOS[scenario]
@@ -161,11 +184,14 @@ def throughput(port: int, store: str, scenario: str, workflows: int, width: int)
     if listener is not None:
         baton_celery.subscribe_all(count)
     broker = redis.Redis(port=port, db=0)
+    server = int(broker.info("server")["process_id"])
     worker = Worker(port, store, queue, mode)
+    cpu = tree_cpu(worker.process.pid) + cpu_seconds(server)
     try:
         while not finished(broker, worker.db, queue, shape, workflows):
             time.sleep(0.02)  # polling the queue: 20 ms keeps the poll off the CPU
         elapsed = time.time() - worker.ready_at
+        cpu = tree_cpu(worker.process.pid) + cpu_seconds(server) - cpu
     finally:
         worker.stop()
         if listener is not None:
@@ -183,7 +209,8 @@ def throughput(port: int, store: str, scenario: str, workflows: int, width: int)
         if listener is not None:  # the listener saw every event (2 a step, 1 a finish)
             assert len(events) == workflows * (2 * width + 1), len(events)
         baton_celery.uninstall(app)
-    return workflows * width / elapsed
+    tasks = workflows * width
+    return tasks / elapsed, cpu / tasks * 1e6
 
 
 def one_sequence(port: int, store: str, steps: int, reps: int) -> tuple[list[float], list[float]]:
@@ -237,20 +264,27 @@ def main(argv: list[str] | None = None) -> None:
         else:
             store = f"sqlite:///{tmp}/bench.sqlite3"
         rates: dict[str, list[float]] = {s: [] for s in args.only}
+        costs: dict[str, list[float]] = {s: [] for s in args.only}
         for round_ in range(args.rounds):  # interleaved, so drifts hit every scenario
-            for scenario in args.only:
-                rate = throughput(port, store, scenario, args.workflows, args.width)
+            order = args.only[round_ % len(args.only) :] + args.only[: round_ % len(args.only)]
+            for scenario in order:
+                rate, cost = throughput(port, store, scenario, args.workflows, args.width)
                 rates[scenario].append(rate)
-                print(f"  round {round_ + 1}: {scenario:22s} {rate:7.0f} tasks/s", flush=True)
+                costs[scenario].append(cost)
+                print(f"  round {round_ + 1}: {scenario:22s} {rate:7.0f} tasks/s"
+                      f" {cost:7.0f} us CPU/task", flush=True)  # fmt: skip
         flows, chains = one_sequence(port, store, args.width, args.seq_reps)
     print(f"\nThroughput, {args.store} store: {n} no-op tasks ({args.workflows} x {args.width})"
           f", prefork -c 2, Redis broker, median of {args.rounds} rounds")  # fmt: skip
     median = {s: statistics.median(r) for s, r in rates.items()}
+    cpu = {s: statistics.median(c) for s, c in costs.items()}
     for scenario, rate in median.items():
-        print(f"  {scenario:22s} {rate:7.0f} tasks/s")
+        print(f"  {scenario:22s} {rate:7.0f} tasks/s  {cpu[scenario]:7.0f} us CPU/task")
+    print("  ratios (throughput; CPU per task):")
     for scenario, base in RATIOS:
         if scenario in median and base in median:
-            print(f"  {scenario:22s} / {base:8s} {median[scenario] / median[base]:.3f}")
+            print(f"  {scenario:22s} / {base:8s} {median[scenario] / median[base]:.3f};"
+                  f" {cpu[scenario] / cpu[base]:.3f}")  # fmt: skip
     flow_t, chain_t = statistics.median(flows), statistics.median(chains)
     print(f"\nOne sequential workflow of {args.width} steps vs one chain, median of "
           f"{args.seq_reps}: {flow_t * 1000:.1f} vs {chain_t * 1000:.1f} ms, "

@@ -40,7 +40,7 @@ from ..workflow import WorkflowHandle
 from . import auth
 from .config import DashboardConfig
 from .hub import Hub, Subscription
-from .streams import SINCE_MARGIN, index_stream, workflow_stream
+from .streams import MAX_CATCH_UP, SINCE_MARGIN, index_stream, workflow_stream
 from .views import BadQuery, IndexQuery, number, workflow_detail
 
 __all__ = ["CANCEL_HEADER", "Dashboard"]
@@ -292,7 +292,11 @@ class Dashboard:
 
     def index_events(self) -> Response:
         query = self._query()
-        since = _position("since", float, time.time() - SINCE_MARGIN)
+        # A client says where it was; never further back than a reconnect needs (the
+        # index's catch-up is a bounded query, but a bounded query of recent ones).
+        since = max(
+            _position("since", float, time.time() - SINCE_MARGIN), time.time() - MAX_CATCH_UP
+        )
         oldest = number(request.args, "oldest", float, None)
         page = self._subscribe(None)  # first: nothing after the replay is missed
         try:

@@ -26,7 +26,7 @@ from .. import pubsub
 from ..events import Event
 from ..listener import Listener, listen
 from ..stores import Store, StoreError, UnknownWorkflow
-from ..stores.records import WorkflowSummary
+from ..stores.transition import WorkflowSummary
 from .messages import CLOSED, Item, event_item, summary_item
 from .views import advance
 
@@ -175,7 +175,7 @@ class Hub:
         summary = advance(known, event) if known is not None else None
         if summary is None:
             try:
-                summary = self.store.load(event.workflow_id).summary()
+                summary = self.store.summary(event.workflow_id)
             except (UnknownWorkflow, StoreError) as exc:
                 logger.warning(SUMMARY_FAILED, event.workflow_id, exc)
                 return None

@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 from ..events import Event, WorkflowFinished
-from ..stores.records import WorkflowSummary
+from ..stores.transition import WorkflowSummary
 
 __all__ = ["CLOSED", "END", "KEEPALIVE", "Item", "event_item", "sse", "summary_item"]
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from ..events import Event
 from ..stores import Store, StoreError, UnknownWorkflow
-from ..stores.records import WorkflowSummary
+from ..stores.transition import WorkflowSummary
 from .hub import Subscription
 from .messages import END, KEEPALIVE, event_item, sse, summary_item
 
@@ -37,6 +37,9 @@ RETRY_MS = 2000
 #: An index stream replays what was active this many seconds before its snapshot (or
 #: its last quiet moment): a live event can be that late (broker, reorder window).
 SINCE_MARGIN = 30.0
+#: An index stream never replays more than this many seconds back (a client's ``since``
+#: from a page left open for days would read every workflow since then).
+MAX_CATCH_UP = 3600.0
 
 
 def workflow_stream(

@@ -15,7 +15,8 @@ from typing import Any
 
 from ..events import Event, StepUpdated, WorkflowFinished
 from ..stores.base import MAX_PAGE, WORKFLOW_STATES
-from ..stores.records import PENDING, RUNNING, TERMINAL, WorkflowRecord, WorkflowSummary
+from ..stores.records import PENDING, RUNNING, TERMINAL, WorkflowRecord
+from ..stores.transition import WorkflowSummary
 
 __all__ = [
     "BadQuery",

@@ -8,7 +8,8 @@ from typing import Any, Callable, Protocol
 
 from ..events import COMPLETED, Event
 from . import records
-from .records import RUNNING, Transition, WorkflowRecord, WorkflowSummary
+from .records import RUNNING, WorkflowRecord
+from .transition import Transition, WorkflowSummary
 
 __all__ = [
     "WORKFLOW_STATES",

@@ -9,7 +9,8 @@ from typing import Callable
 
 from ..events import Event
 from .base import RecordStore, UnknownWorkflow, check_query, matches
-from .records import Transition, WorkflowRecord, WorkflowSummary
+from .records import WorkflowRecord
+from .transition import Transition, WorkflowSummary
 
 __all__ = ["MemoryStore"]
 

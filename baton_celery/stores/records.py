@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Any
 
 from ..events import (
     CANCELLED,
@@ -27,6 +27,7 @@ from ..events import (
     WorkflowFinished,
     cut_error,
 )
+from .transition import Finish, Released, Transition, WorkflowSummary
 
 __all__ = [
     "PENDING",
@@ -64,15 +65,6 @@ SNOOZE = "snooze"  # a dependency has not settled: requeue, do not run
 SKIP = "skip"  # already settled (a duplicate delivery, or cancelled meanwhile): do not run
 
 WORKFLOW_CANCELLED = "workflow cancelled"
-
-
-class Released(NamedTuple):
-    """A step a transition released: what publishing it takes."""
-
-    name: str
-    job_id: str
-    signature: dict[str, Any]
-    dispatch: int  # its publication number, carried by its message
 
 
 @dataclasses.dataclass
@@ -173,64 +165,6 @@ class WorkflowRecord:
         return cls(steps=steps, **data)
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkflowSummary:
-    """One workflow at a glance, as a store's index lists it (see ``Store.workflows``)."""
-
-    id: str
-    label: str | None
-    state: str  # "running", then its outcome: "completed" or "failed"
-    created_at: float  # Unix time
-    finished_at: float | None
-    total: int  # steps in all
-    settled: int  # steps that reached a terminal state
-    failed_steps: tuple[str, ...]  # once finished: the steps that ended discarded/cancelled
-    seq: int  # the number of its latest event
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["failed_steps"] = list(self.failed_steps)
-        return data
-
-
-@dataclasses.dataclass(frozen=True)
-class Finish:
-    """The finish claim, won by exactly one transition per workflow."""
-
-    outcome: str
-    failed_steps: tuple[str, ...]
-    total_count: int
-    duration: float
-    finished_at: float
-    seq: int  # numbered after every step event of the workflow
-
-
-@dataclasses.dataclass
-class Transition:
-    """What one transition did, for the caller to act on after the store committed.
-
-    Every transition (begin, retrying, settle, cancel, the backstop's) returns one.
-    ``applied`` is False when it changed nothing (a duplicate settle, a stale retry, a
-    message skipped at the gate): then it made no event. Otherwise ``events`` holds every
-    event it made, numbered and stamped inside the transition and kept in the store's
-    history with it, in order: the step's own, the cascade's ``cancelled`` ones, then the
-    finish when this transition won the claim (``finish`` is set then). ``released``
-    holds the dependents that must now be published, ``revoke`` the Celery task ids of
-    the queued steps a ``cancel`` cancelled. ``decision`` is the gate's answer and
-    ``dispatch`` the step's publication number, for ``begin``.
-    """
-
-    workflow_id: str
-    workflow_label: str | None
-    applied: bool = False
-    decision: str | None = None
-    dispatch: int = 0
-    released: list[Released] = dataclasses.field(default_factory=list)
-    revoke: list[str] = dataclasses.field(default_factory=list)
-    finish: Finish | None = None
-    events: list[Event] = dataclasses.field(default_factory=list)
-
-
 def _at(unix_time: float) -> datetime:
     return datetime.fromtimestamp(unix_time, timezone.utc)
 
@@ -268,8 +202,14 @@ def _emit(record: WorkflowRecord, out: Transition, step: StepRecord, state: str)
     record.seq += 1
     step.seq = record.seq
     step.updated_at = record.updated_at
-    out.events.append(step_event(record.id, record.label, step, state))
+    _made(out).append(step_event(record.id, record.label, step, state))
     return step
+
+
+def _made(out: Transition) -> list[Event]:
+    """The events a transition of this module makes (a plain list, in order)."""
+    assert isinstance(out.events, list)
+    return out.events
 
 
 def _applied(record: WorkflowRecord, **fields: Any) -> Transition:
@@ -331,7 +271,7 @@ def _claim_finish(record: WorkflowRecord, out: Transition) -> None:
         finished_at=record.finished_at,
         seq=record.seq,
     )
-    out.events.append(finish_event(record.id, record.label, out.finish))
+    _made(out).append(finish_event(record.id, record.label, out.finish))
 
 
 def _cancel_at_gate(

@@ -8,14 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..events import Event
 from ..process import process_token
-from .base import Deferred, Done, Store, StoreError, UnknownWorkflow, check_query, matches
-from .records import RUNNING, TERMINAL, Transition, WorkflowRecord, WorkflowSummary
+from .base import Deferred, Done, Store, StoreError, UnknownWorkflow
+from .records import TERMINAL, WorkflowRecord
 from .redis_clients import client_from_url, is_cluster, with_timeout
+from .redis_index import RedisIndex
 from .redis_scripts import (
     SCRIPTS,
     decode_event,
@@ -26,6 +27,7 @@ from .redis_scripts import (
     flag,
     text,
 )
+from .transition import Transition
 
 __all__ = ["RedisStore"]
 
@@ -36,13 +38,9 @@ CLEANUP_FAILED = (
     "baton_celery: workflow %s finished, but its index entries could not be updated "
     "(%s); the backstop sweep will retry"
 )
-#: How many index entries one :meth:`RedisStore.workflows` call reads at the most.
-SCAN_LIMIT = 20_000
-#: Index entries read per round trip.
-SCAN_BATCH = 500
 
 
-class RedisStore(Store):
+class RedisStore(RedisIndex, Store):
     """Workflows in Redis: one Lua script per transition, keys per step, hash-tagged per
     workflow so that it runs on Redis Cluster too.
 
@@ -352,133 +350,6 @@ class RedisStore(Store):
             raise UnknownWorkflow(workflow_id)
         found = zip(wanted, values[0]) if values else ()
         return {k: text(v) for k, v in found if v is not None}
-
-    def workflows(
-        self,
-        *,
-        limit: int = 100,
-        before: float | None = None,
-        label: str | None = None,
-        state: str | None = None,
-        active_since: float | None = None,
-    ) -> list[WorkflowSummary]:
-        check_query(limit, state)
-        found: list[WorkflowSummary] = []
-        for batch in self._candidates(before, state, active_since):
-            for summary in self._summaries(batch):
-                if matches(summary, before, label, state, active_since):
-                    found.append(summary)
-            if len(found) >= limit and active_since is None:
-                break
-        found.sort(key=lambda s: s.created_at, reverse=True)
-        return found[:limit]
-
-    def summary(self, workflow_id: str) -> WorkflowSummary:
-        found = self._summaries([workflow_id])
-        if not found:
-            raise UnknownWorkflow(workflow_id)
-        return found[0]
-
-    def _candidates(
-        self, before: float | None, state: str | None, active_since: float | None
-    ) -> Iterator[list[str]]:
-        """Ids to look at, in batches: newest first from the index (or the live index for
-        running ones); with ``active_since``, every workflow running or finished since."""
-        try:
-            if active_since is not None:
-                ids = self.client.zrangebyscore(self._global("done"), active_since, "+inf")
-                ids += self.client.zrange(self._global("live"), 0, -1)
-                ids = [text(i) for i in dict.fromkeys(ids)][:SCAN_LIMIT]
-                for i in range(0, len(ids), SCAN_BATCH):
-                    yield ids[i : i + SCAN_BATCH]
-                return
-            key = self._global("live" if state == RUNNING else "index")
-            top = "+inf" if before is None else f"({before!r}"
-            for start in range(0, SCAN_LIMIT, SCAN_BATCH):
-                ids = self.client.zrevrangebyscore(key, top, "-inf", start=start, num=SCAN_BATCH)
-                if not ids:
-                    return
-                yield [text(i) for i in ids]
-        except self._errors() as exc:
-            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
-
-    def _summaries(self, ids: list[str]) -> list[WorkflowSummary]:
-        """Each id's summary, read in one round trip; ids whose keys expired are dropped
-        from the index on the way."""
-        fields = ("label", "created", "n", "out", "outcome", "fin", "seq")
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for workflow_id in ids:
-                base = self._base(workflow_id)
-                pipe.hmget(base + "m", fields)
-                pipe.zrange(base + "failed", 0, -1)
-            replies = pipe.execute()
-        except self._errors() as exc:
-            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
-        out, gone = [], []
-        for i, workflow_id in enumerate(ids):
-            label, created, n, left, outcome, fin, seq = map(text, replies[2 * i])
-            if created is None:
-                gone.append(workflow_id)
-                continue
-            out.append(
-                WorkflowSummary(
-                    id=workflow_id,
-                    label=label,
-                    state=outcome or RUNNING,
-                    created_at=float(created),
-                    finished_at=float(fin) if fin is not None else None,
-                    total=int(n),
-                    settled=int(n) - int(left),
-                    failed_steps=tuple(map(text, replies[2 * i + 1])) if outcome else (),
-                    seq=int(seq),
-                )
-            )
-        if gone:
-            self._forget(gone)
-        return out
-
-    def _forget(self, ids: list[str]) -> None:
-        """Drop ids whose keys expired from the indexes (a cleanup: failures are left
-        for the next reader)."""
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for key in ("index", "done", "live"):
-                pipe.zrem(self._global(key), *ids)
-            pipe.execute()
-        except self._errors() as exc:
-            logger.debug("baton_celery: cleaning the workflow index failed: %s", exc)
-
-    def live_workflows(self, before: float | None = None) -> list[str]:
-        try:
-            ids = self.client.zrangebyscore(
-                self._global("live"), "-inf", "+inf" if before is None else f"({before!r}"
-            )
-        except self._errors() as exc:
-            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
-        return [text(i) for i in ids]
-
-    def unindex(self, workflow_id: str, job_ids: Iterable[str] = ()) -> None:
-        """Drop a finished (or vanished) workflow from the live index and let its job index
-        entries expire with the retention."""
-        self._index_finish(workflow_id, None, job_ids)
-
-    def _index_finish(
-        self, workflow_id: str, finished_at: float | None, job_ids: Iterable[str]
-    ) -> None:
-        """What the finish does to the global keys (inside the script on a single Redis):
-        out of the live index, into the finished one, job index entries expiring."""
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.zrem(self._global("live"), workflow_id)
-            if finished_at is not None:
-                pipe.zadd(self._global("done"), {workflow_id: finished_at})
-            if self.retention >= 0:
-                for job_id in job_ids:
-                    pipe.pexpire(self._global(f"job:{job_id}"), self._retention_ms())
-            pipe.execute()
-        except self._errors() as exc:
-            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
 
 
 class _SentBegin:

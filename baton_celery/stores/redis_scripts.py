@@ -14,17 +14,8 @@ from importlib import resources
 from typing import Any
 
 from ..events import Event, StepUpdated, WorkflowFinished
-from .records import (
-    RUN,
-    SKIP,
-    SNOOZE,
-    WORKFLOW_CANCELLED,
-    Finish,
-    Released,
-    StepRecord,
-    Transition,
-    WorkflowRecord,
-)
+from .records import RUN, SKIP, SNOOZE, WORKFLOW_CANCELLED, StepRecord, WorkflowRecord
+from .transition import Finish, Released, Transition
 
 __all__ = [
     "SCRIPTS",
@@ -196,6 +187,34 @@ def decode_event(workflow_id: str, label: str | None, raw: Any) -> Event:
     )  # fmt: skip
 
 
+class Encoded(Sequence[Event]):
+    """A transition's events as the script wrote them, decoded only when read: most
+    transitions in a worker are read by nobody here (the store kept and published them)."""
+
+    def __init__(self, workflow_id: str, label: str | None, raw: Sequence[Any]) -> None:
+        self._args = (workflow_id, label)
+        self._raw: Sequence[Any] | None = raw
+        self._events: list[Event] = []
+
+    def _decoded(self) -> list[Event]:
+        if self._raw is not None:
+            self._events = [decode_event(*self._args, e) for e in self._raw]
+            self._raw = None
+        return self._events
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._decoded()[index]
+
+    def __len__(self) -> int:
+        return len(self._raw) if self._raw is not None else len(self._events)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and self._decoded() == list(other)
+
+    def __repr__(self) -> str:
+        return repr(self._decoded())
+
+
 def decode_transition(workflow_id: str, raw: Sequence[Any]) -> tuple[Transition, list[str]]:
     """A transition's reply (see ``commit`` in ``prelude.lua``) as a Transition, and the
     job ids of a finished workflow whose index entries the caller must expire (on a
@@ -208,7 +227,7 @@ def decode_transition(workflow_id: str, raw: Sequence[Any]) -> tuple[Transition,
         applied=bool(applied),
         decision=DECISIONS.get(text(status)),
         dispatch=int(dispatch),
-        events=[decode_event(workflow_id, label, e) for e in events],
+        events=Encoded(workflow_id, label, events),
         released=[
             Released(text(name), text(job), json.loads(sig), int(disp))
             for name, job, sig, disp in released
@@ -218,7 +237,7 @@ def decode_transition(workflow_id: str, raw: Sequence[Any]) -> tuple[Transition,
     if not finish:
         return out, []
     total, created, finished_at, jobs = finish
-    event = out.events[-1]
+    event = decode_event(workflow_id, label, events[-1])
     assert isinstance(event, WorkflowFinished)
     out.finish = Finish(
         outcome=event.outcome,

@@ -12,7 +12,8 @@ from typing import Any, Callable, TypeVar
 
 from ..events import Event, event_from_dict
 from .base import RecordStore, StoreError, UnknownWorkflow, check_query
-from .records import Transition, WorkflowRecord, WorkflowSummary
+from .records import WorkflowRecord
+from .transition import Transition, WorkflowSummary
 
 __all__ = ["SQLiteStore"]
 

@@ -1,8 +1,9 @@
-"""End-to-end: steps whose begin is sent without waiting for the store (a first delivery
-of a message baton published, on workers with no receiver of their own), on real prefork
-workers over Redis and RabbitMQ with the Redis store. The guarantees hold: a running step
-shows as executing, a retried step counts its attempts, a redelivered step runs again as
-a new attempt and settles once, every event is in the history in order, one finish."""
+"""End-to-end: steps whose begin is sent without waiting for the store (baton_fast_begin:
+a first delivery of a message baton published, on workers with no receiver of their
+own), on real prefork workers over Redis and RabbitMQ with the Redis store. The
+guarantees hold: a running step shows as executing, a retried step counts its attempts,
+a redelivered step runs again as a new attempt and settles once, every event is in the
+history in order, one finish."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def quiet(request: pytest.FixtureRequest, make_cluster: Callable[..., Cluster]) 
     store's channel), acks_late so that a killed pool process's step is redelivered."""
     return make_cluster(
         "fast", request.param, store="redis", bridge=True, observe_events=False,
-        acks_late=True, prefetch=1,
+        acks_late=True, prefetch=1, fast_begin=True,
     )  # fmt: skip
 
 

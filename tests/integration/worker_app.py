@@ -52,6 +52,7 @@ class Settings:
     # no receiver runs in them (steps take the path that does not wait for the store),
     # and the tests follow the events through a listener and the store's history.
     observe_events: bool = True
+    fast_begin: bool = False  # baton_fast_begin
 
     @property
     def control(self) -> str:
@@ -79,6 +80,7 @@ def create_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         baton_store=settings.store,
         baton_store_timeout=settings.store_timeout,
+        baton_fast_begin=settings.fast_begin,
         baton_snooze_delay=0.2,
         task_ignore_result=True,
         task_acks_late=settings.acks_late,

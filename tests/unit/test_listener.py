@@ -16,11 +16,13 @@ from celery import Celery
 
 import baton_celery
 from baton_celery import listener as listener_module
+from baton_celery.announce import announce
 from baton_celery.bridge import Publisher
 from baton_celery.config import Config
 from baton_celery.envelope import bridge_exchange
 from baton_celery.events import Event, StepUpdated, WorkflowFinished, utcnow
 from baton_celery.listener import Listener, listening
+from baton_celery.testing import EventLog
 
 
 def step(wid: str, name: str, state: str = "completed") -> StepUpdated:
@@ -144,3 +146,37 @@ def test_the_back_off_starts_again_after_a_good_connection(
     assert listener._thread is not None
     listener._thread.join(5)
     assert waits == [0.001, 0.002, 0.004, 0.001, 0.002]
+
+
+def test_events_this_process_delivered_are_not_delivered_again_from_the_store(
+    app: Celery,
+) -> None:
+    """A process that makes events and listens: its own events reach its receivers at
+    once; when the live feed does not bring them back (its bridge publish failed), the
+    listener's gap fill from the store must not deliver them a second time."""
+    from baton_celery.stores.records import StepRecord, WorkflowRecord
+
+    runtime = baton_celery.install(app)
+    store = runtime.store
+    steps = {n: StepRecord(n, "t", f"j-{n}", {}, dispatch=1) for n in ("a", "b")}
+    store.create(WorkflowRecord("wf-own", None, steps))
+    got = EventLog()
+    publisher = Publisher(app, Config.from_app(app))
+    with Listener(app, deliver=got.add, reorder_window=0.05) as listener:
+        assert listener.wait_ready(5)
+        listener._token = "someone-else"  # the publisher stands for the workers
+        remote = store.begin("wf-own", "a", 1).events  # seq 1, by "a worker"
+        publisher.publish(remote[0])
+        # This process settles b: announced here (its own receivers), never published.
+        own = store.settle("wf-own", "b", "completed")
+        app.conf.baton_bridge = False
+        runtime._config = None  # read the settings again: this process's bridge is off
+        announce(runtime, own)
+        last = store.settle("wf-own", "a", "completed").events  # seq 3 and the finish
+        app.conf.baton_bridge = True
+        runtime._config = None
+        for event in last:
+            publisher.publish(event)
+        got.wait_finished(5)
+    publisher.close()
+    assert [e.seq for e in got] == [1, 3, 4]  # 2 was delivered here, by announce

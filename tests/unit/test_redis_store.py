@@ -291,6 +291,9 @@ def test_retention_removes_a_finished_workflow(redis_store: RedisStore) -> None:
     assert workflow_keys(redis_store, record.id) == []
     with pytest.raises(UnknownWorkflow):
         redis_store.load(record.id)
+    with pytest.raises(UnknownWorkflow):
+        redis_store.history(record.id)  # the history expired with it
+    assert record.id not in {s.id for s in redis_store.workflows(label="flat")}
     assert redis_store.locate(record.steps["s0"].job_id) is None
     assert redis_store.load(live.id).steps["s0"].state == "pending"  # not finished: kept
 
@@ -493,16 +496,18 @@ def ran(task_id: str) -> Iterator[None]:
 
 
 def test_a_first_delivery_begins_without_waiting_for_the_store() -> None:
-    """On the Redis store, with no receiver in the worker, a released step's begin is
-    sent and its reply read with the settle; with a receiver it waits (the receiver
-    wants the executing event at once). Either way the events and the finish are the
-    same."""
+    """On the Redis store with baton_fast_begin, with no receiver in the worker, a
+    released step's begin is sent and its reply read with the settle; with a receiver it
+    waits (the receiver wants the executing event at once). Either way the events and
+    the finish are the same."""
     prefix = unique_prefix()
     app = Celery(f"deferred-{prefix}", set_as_current=False)
     app.conf.update(
-        broker_url="memory://", broker_connection_retry_on_startup=True,
+        broker_url="redis://127.0.0.1:6379/14", broker_connection_retry_on_startup=True,
+        broker_transport_options={"global_keyprefix": f"{prefix}:"},
         task_ignore_result=True, worker_hijack_root_logger=False,
         task_default_queue=f"q-{prefix}", baton_store=shared_redis_url(prefix),
+        baton_fast_begin=True,
     )  # fmt: skip
 
     @app.task(name=f"{prefix}.noop")
@@ -554,6 +559,7 @@ def test_a_redelivered_or_early_message_waits_for_the_gate() -> None:
 
     app = Celery("gate-known", broker="redis://127.0.0.1:6379/0", set_as_current=False)
     app.conf.baton_store = shared_redis_url(unique_prefix())
+    app.conf.baton_fast_begin = True
     runtime = baton_celery.install(app)
     try:
         first = Context(delivery_info={"redelivered": False}, is_eager=False)
@@ -563,3 +569,58 @@ def test_a_redelivered_or_early_message_waits_for_the_gate() -> None:
         assert not _gate_known(StepRef(runtime, "w", "s", 0), first)  # early / snoozed copy
     finally:
         baton_celery.uninstall(app)
+    app.conf.baton_fast_begin = False  # the default: always ask the store
+    runtime = baton_celery.install(app)
+    try:
+        assert not _gate_known(StepRef(runtime, "w", "s", 1), first)
+    finally:
+        baton_celery.uninstall(app)
+
+
+def test_a_transition_too_big_for_the_channel_is_read_from_the_store() -> None:
+    """A cancel of a big workflow makes one channel message with every cancelled step:
+    over the listener's size bound, it is dropped, and the workflow's events are read
+    from the store instead (none lost, none twice)."""
+    from baton_celery.testing import EventLog
+
+    prefix = unique_prefix()
+    app = Celery(f"big-{prefix}", set_as_current=False)
+    app.conf.update(broker_url="memory://", baton_store=shared_redis_url(prefix), baton_bridge=True)
+    runtime = baton_celery.install(app)
+    try:
+        record = flat_record(60)
+        runtime.store.create(record)
+        got = EventLog()
+        with baton_celery.listen(app, deliver=got.add, max_message=2000) as listener:
+            assert listener.ready
+            handle = baton_celery.WorkflowHandle(record.id, app)
+            handle.cancel()
+            got.wait_finished(timeout=10)
+            assert listener.malformed == 1
+        assert list(got) == handle.events() and len(got) == 61
+    finally:
+        baton_celery.uninstall(app)
+
+
+def test_active_since_keeps_the_running_and_the_newest_finished_within_its_bound(
+    redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its bound, the activity query keeps what a replay needs most: every running
+    workflow, then the most recently finished."""
+    import baton_celery.stores.redis_index as module
+
+    label = f"bound-{uuid.uuid4().hex[:6]}"
+    finished, running = [], flat_record(1)
+    for _ in range(4):
+        record = flat_record(1)
+        record.label = label
+        redis_store.create(record)
+        redis_store.settle(record.id, "s0", "completed")
+        finished.append(record.id)
+    running.label = label
+    redis_store.create(running)
+    monkeypatch.setattr(module, "SCAN_LIMIT", 3)
+    since = redis_store.summary(finished[0]).finished_at
+    assert since is not None
+    found = {s.id for s in redis_store.workflows(label=label, active_since=since)}
+    assert found == {running.id, finished[3], finished[2]}

@@ -178,3 +178,19 @@ def test_open_follows_a_workflow_from_a_later_number(
     assert reorderer.next_of("w") == 6
     reorderer.push("w", 6, finish("w"))
     assert reorderer.knows("w") and reorderer.next_of("w") is None  # finished
+
+
+def test_a_workflow_idle_past_idle_after_goes_on_where_it_stopped(
+    out: list[Event], clock: Clock
+) -> None:
+    """A step that runs for hours: its workflow is forgotten while idle, then taken up at
+    the next number; what was delivered before is not delivered again."""
+    reorderer = Reorderer(out.append, window=2.0, clock=clock, idle_after=60.0)
+    first, second = numbered(step("w", "a", "executing"), 1), numbered(step("w", "a"), 2)
+    reorderer.push("w", 1, first)
+    clock.now = 120.0
+    reorderer.tick()
+    assert "w" not in reorderer.flows and reorderer.knows("w") and reorderer.next_of("w") == 2
+    reorderer.push("w", 1, first)  # a replay of what was delivered: dropped
+    reorderer.push("w", 2, second)
+    assert out == [first, second]

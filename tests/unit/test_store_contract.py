@@ -714,5 +714,36 @@ def test_sqlite_retention_prunes_finished_workflows(tmp_path: Path) -> None:
     with pytest.raises(UnknownWorkflow):
         store.load(done.id)
     assert store.locate(done.steps["a"].job_id) is None
+    with pytest.raises(UnknownWorkflow):
+        store.history(done.id)  # its history went with it
     assert store.load(open_.id).id == open_.id  # unfinished workflows are kept
+    assert done.id not in {s.id for s in store.workflows(label="contract")}
     store.close()
+
+
+def test_sqlite_file_of_an_older_version_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A file made before the history and the index: its workflows are listed, loaded
+    and moved on; their histories start with what happens from now on."""
+    path = tmp_path / "old.sqlite3"
+    old = make_record(("a", ()), ("b", ("a",)))
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "CREATE TABLE baton_workflows (id TEXT PRIMARY KEY, record TEXT NOT NULL,"
+            " finished_at REAL);"
+            "CREATE TABLE baton_jobs (job_id TEXT PRIMARY KEY, workflow_id TEXT NOT NULL,"
+            " step TEXT NOT NULL);"
+        )
+        conn.execute("INSERT INTO baton_workflows (id, record) VALUES (?, ?)",
+                     (old.id, old.to_json()))  # fmt: skip
+    conn.close()
+    store = store_from_url(f"sqlite:///{path}")
+    try:
+        [listed] = store.workflows(label="contract")
+        assert (listed.id, listed.state, listed.total, listed.settled) == (old.id, "running", 2, 0)
+        assert store.history(old.id) == []
+        store.begin(old.id, "a", 1)
+        out = store.settle(old.id, "a", "completed")
+        assert [e.seq for e in store.history(old.id)] == [1, 2] and out.released
+        assert store.summary(old.id).settled == 1
+    finally:
+        store.close()

@@ -22,7 +22,10 @@ local W = {cancel = m[1] == '1', label = m[2], seq = tonumber(m[3]), out = tonum
            outcome = m[5], created = m[6], n = m[7], elim = tonumber(m[9]) or 2000}
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+-- records.WorkflowRecord.tick: never before the workflow's latest event, nor its creation
+-- (the creating client's clock may be ahead of this server's).
 if m[8] and now < tonumber(m[8]) then now = tonumber(m[8]) end
+if now < tonumber(m[6]) then now = tonumber(m[6]) end
 local NOW = string.format('%.6f', now)
 
 local function skey(n) return P .. 's:' .. n end
