@@ -24,13 +24,11 @@ from .runtime import Runtime, runtime_for
 from .stores import UnknownWorkflow
 
 __all__ = [
-    "LISTENER_THREAD",
     "SHAPES",
     "Bounded",
     "Observer",
     "Shape",
     "Shapes",
-    "delivered_by_listener",
     "switch_off",
     "switch_on_configured",
 ]
@@ -39,20 +37,8 @@ logger = logging.getLogger(__name__)
 
 MISSING_EXTRA = "baton_celery: %s is on but %s is not installed (pip install 'baton_celery[%s]')"
 
-#: The name of the thread in which a bridge listener delivers other processes' events
-#: (see :meth:`baton_celery.listener.Listener.start`).
-LISTENER_THREAD = "baton-bridge-listener"
-
 K = TypeVar("K")
 V = TypeVar("V")
-
-
-def delivered_by_listener() -> bool:
-    """Whether the event being delivered was heard from another process through a bridge
-    listener rather than made here. Instrumentation records an event once, in the
-    process where it happened: counting it again wherever it is heard would count it
-    twice (or once per listening web process)."""
-    return threading.current_thread().name == LISTENER_THREAD
 
 
 class Bounded(Generic[K, V]):
@@ -163,7 +149,9 @@ class Observer:
                 return False
             self._apps.append(app)
             if len(self._apps) == 1:
-                pubsub.subscribe_all(self._on_event)
+                # Events made here only: one heard from another process through a
+                # listener was recorded where it happened.
+                pubsub.event_made.connect(self._on_event, weak=False)
                 pubsub.workflow_created.connect(self._on_created, weak=False)
         return True
 
@@ -174,13 +162,13 @@ class Observer:
                 return False
             self._apps = [a for a in self._apps if a is not app]
             if not self._apps:
-                pubsub.unsubscribe_all(self._on_event)
+                pubsub.event_made.disconnect(self._on_event)
                 pubsub.workflow_created.disconnect(self._on_created)
                 self.forget()
         return True
 
     def _on_event(self, workflow_id: str, event: Event | None = None, **_: Any) -> None:
-        if event is None or delivered_by_listener():
+        if event is None:
             return
         try:
             self.observe(event)

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 def _deliver(runtime: Runtime, event: Event) -> None:
+    pubsub.send_made(event)
     pubsub.broadcast(event)
     if listening(runtime.app):  # this process also listens: not twice from its history
         delivered_here(runtime.app, event)
@@ -46,6 +47,7 @@ def _wanted(runtime: Runtime, workflow_id: str) -> bool:
     it is the bridge, whatever this says.)"""
     return (
         pubsub.has_receivers(workflow_id)
+        or bool(pubsub.event_made.receivers)
         or runtime.broker_bridge
         or listening(runtime.app)
         or bool(pubsub.workflow_finished_telemetry.receivers)

@@ -24,8 +24,10 @@ from .guard import log_failure
 __all__ = [
     "ALL_TOPIC",
     "broadcast",
+    "event_made",
     "has_receivers",
     "send_finished_telemetry",
+    "send_made",
     "send_workflow_created",
     "subscribe",
     "subscribe_all",
@@ -56,6 +58,11 @@ workflow_finished_telemetry: NamedSignal = Namespace().signal("baton.workflow.fi
 #: ``label``: where instrumentation captures the caller's context (see
 #: :mod:`baton_celery.otel`). A receiver that raises is logged; the workflow still starts.
 workflow_created: NamedSignal = Namespace().signal("baton.workflow.created")
+
+#: Every event this process's own transitions made, once (not those a listener brings
+#: from other processes), with ``sender=workflow_id`` and ``event``: where
+#: instrumentation records each event once, in the process where it happened.
+event_made: NamedSignal = Namespace().signal("baton.event.made")
 
 
 def topic(workflow_id: str) -> str:
@@ -117,6 +124,12 @@ def broadcast(event: Event) -> None:
         _send(specific, event.workflow_id, event=event)
     if _all.receivers:
         _send(_all, event.workflow_id, event=event)
+
+
+def send_made(event: Event) -> None:
+    """Send :data:`event_made` for an event made here (nothing to do with no receiver)."""
+    if event_made.receivers:
+        _send(event_made, event.workflow_id, event=event)
 
 
 def send_workflow_created(app: Any, workflow_id: str, label: str | None) -> None:

@@ -216,7 +216,8 @@ def observe(**_: Any) -> None:
     """In a worker's main process, before its pool forks: report to the sink. (Other
     commands of this app, ``celery baton watch``, report nothing.)"""
     if Settings.from_env().observe_events:
-        # The raising receiver is subscribed first: the forwarder must still get every event.
+        # A receiver that raises beside the forwarder: the forwarder must still get every
+        # event (blinker keeps no order between receivers, so either may run first).
         baton_celery.subscribe_all(explode)
         baton_celery.subscribe_all(forward)
     signals.task_postrun.connect(record_postrun, weak=False)

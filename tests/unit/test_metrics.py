@@ -144,15 +144,15 @@ def test_published_at_travels_in_the_header() -> None:
 
 
 def test_nothing_is_connected_when_off() -> None:
-    before = len(pubsub._all.receivers)
+    before = len(pubsub.event_made.receivers)
     plain = make_app()
     try:
         assert not metrics.instrumented(plain)
-        assert len(pubsub._all.receivers) == before
+        assert len(pubsub.event_made.receivers) == before
         metrics.instrument(plain)
         metrics.instrument(plain)
-        assert len(pubsub._all.receivers) == before + 1
+        assert len(pubsub.event_made.receivers) == before + 1
     finally:
         baton_celery.uninstall(plain)
     assert not metrics.instrumented(plain)
-    assert len(pubsub._all.receivers) == before
+    assert len(pubsub.event_made.receivers) == before

@@ -4,7 +4,6 @@ the OpenTelemetry SDK (an in-memory exporter)."""
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,9 +17,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 import baton_celery
-from baton_celery import _observe, guard, otel, pubsub
+from baton_celery import guard, otel, pubsub
 from baton_celery.events import StepUpdated, utcnow
-from baton_celery.listener import Listener
 from baton_celery.runtime import runtime_for
 from baton_celery.stores.memory import MemoryStore
 
@@ -216,25 +214,25 @@ def test_steps_without_a_stored_parent_share_the_derived_trace(
 
 
 def test_nothing_is_connected_when_off() -> None:
-    before = (len(pubsub._all.receivers), len(pubsub.workflow_created.receivers))
+    before = (len(pubsub.event_made.receivers), len(pubsub.workflow_created.receivers))
     plain = make_app()
     try:
         assert not otel.instrumented(plain)
-        assert (len(pubsub._all.receivers), len(pubsub.workflow_created.receivers)) == before
+        assert (len(pubsub.event_made.receivers), len(pubsub.workflow_created.receivers)) == before
     finally:
         baton_celery.uninstall(plain)
 
 
 def test_instrument_twice_then_uninstall(spans: InMemorySpanExporter) -> None:
-    before = len(pubsub._all.receivers)
+    before = len(pubsub.event_made.receivers)
     app = make_app()
     otel.instrument(app)
     otel.instrument(app)
     assert otel.instrumented(app)
-    assert len(pubsub._all.receivers) == before + 1
+    assert len(pubsub.event_made.receivers) == before + 1
     baton_celery.uninstall(app)
     assert not otel.instrumented(app)
-    assert len(pubsub._all.receivers) == before
+    assert len(pubsub.event_made.receivers) == before
 
 
 def test_the_setting_is_read_when_celery_loads_the_configuration() -> None:
@@ -254,33 +252,19 @@ def test_the_setting_is_read_when_celery_loads_the_configuration() -> None:
 def test_events_heard_by_a_listener_are_not_traced_again(
     app: Celery, spans: InMemorySpanExporter
 ) -> None:
-    """The span of a remote event is recorded where it happened."""
+    """The span of a remote event is recorded where it happened: instrumentation takes
+    the events this process made (announce), not what its receivers hear."""
     event = StepUpdated("wf", None, "a", "t", "completed", "j", 1, False, None, utcnow(), 1)
     seen: list[Any] = []
     original = otel._tracing_observer.observe
     otel._tracing_observer.observe = seen.append  # type: ignore[method-assign]
     try:
-        heard = threading.Thread(
-            target=pubsub.broadcast, args=(event,), name=_observe.LISTENER_THREAD
-        )
-        heard.start()
-        heard.join()
-        pubsub.broadcast(event)
+        pubsub.broadcast(event)  # what a listener does with another process's event
+        pubsub.send_made(event)  # what announce does with an event made here
     finally:
         del otel._tracing_observer.observe
     assert seen == [event]
     assert original  # the class's own method is back
-
-
-def test_the_listener_delivers_in_the_thread_the_observers_skip() -> None:
-    app = Celery("listener-name", broker="memory://", set_as_current=False)
-    listener = Listener(app).start()
-    try:
-        assert listener._thread is not None
-        assert listener._thread.name == _observe.LISTENER_THREAD
-    finally:
-        listener.stop()
-        app.close()
 
 
 class NoNotes(MemoryStore):
