@@ -526,6 +526,8 @@ def test_early_delivery_is_snoozed_until_dependency_completes(
 
     steps.release("dependent")
     assert handle.wait(timeout=WAIT).outcome == "completed"
+    # The store has the finish before the dependent's task_postrun reaches the sink.
+    cluster.wait_postruns(lambda runs: "SUCCESS" in runs.get(jobs["dependent"], []), "its run")
     runs = settle_barrier(cluster, {jobs["slow"]: ["SUCCESS"]})
     events = cluster.events(handle.id).drain()
     assert_one_finish(events, handle, "completed", ())
