@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any
 
@@ -180,3 +181,82 @@ def test_events_this_process_delivered_are_not_delivered_again_from_the_store(
         got.wait_finished(5)
     publisher.close()
     assert [e.seq for e in got] == [1, 3, 4]  # 2 was delivered here, by announce
+
+
+@pytest.mark.parametrize(
+    ("since", "error"),
+    [
+        (datetime(2026, 1, 1), "timezone-aware"),
+        (datetime.now(timezone.utc) + timedelta(hours=1), "in the future"),
+        ("10m", "must be a datetime"),
+    ],
+)
+def test_since_must_be_an_aware_time_not_in_the_future(app: Celery, since: Any, error: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=error):
+        Listener(app, since=since)
+
+
+def test_a_replay_the_store_cannot_serve_is_tried_again_and_live_goes_on(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store is down when the listener starts: it logs, keeps its live feed, and
+    replays once the store answers again."""
+    from baton_celery.stores.records import StepRecord, WorkflowRecord
+
+    runtime = baton_celery.install(app)
+    store = runtime.store
+    store.create(WorkflowRecord("wf-late", None, {"a": StepRecord("a", "t", "j", {}, dispatch=1)}))
+    since = datetime.now(timezone.utc) - timedelta(minutes=1)
+    store.begin("wf-late", "a", 1)
+    calls = {"n": 0}
+    real = store.workflows
+
+    def flaky(**kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise baton_celery.StoreError("the store is down")
+        return real(**kwargs)
+
+    monkeypatch.setattr(store, "workflows", flaky)
+    monkeypatch.setattr(listener_module, "REPLAY_RETRY", 0.05)
+    got = EventLog()
+    publisher = Publisher(app, Config.from_app(app))
+    with Listener(app, since=since, deliver=got.add) as listener:
+        assert listener.wait_ready(5)  # live, although the replay failed
+        listener._token = "someone-else"  # the publisher stands for a worker
+        for event in store.settle("wf-late", "a", "completed").events:
+            publisher.publish(event)
+        got.wait_finished(5)
+    publisher.close()
+    assert calls["n"] >= 2
+    assert [e.seq for e in got] == [1, 2, 3]  # the one made before it started, replayed
+
+
+def test_a_listener_sends_the_finish_telemetry_of_other_processes(app: Celery) -> None:
+    from baton_celery.pubsub import workflow_finished_telemetry
+    from baton_celery.stores.records import StepRecord, WorkflowRecord
+
+    store = baton_celery.install(app).store
+    store.create(WorkflowRecord("wf-t", None, {"a": StepRecord("a", "t", "j", {}, dispatch=1)}))
+    events = [*store.begin("wf-t", "a", 1).events, *store.settle("wf-t", "a", "completed").events]
+    sent: list[dict[str, Any]] = []
+
+    def telemetry(workflow_id: str, **kwargs: Any) -> None:
+        sent.append({"workflow_id": workflow_id, **kwargs})
+
+    workflow_finished_telemetry.connect(telemetry)
+    publisher = Publisher(app, Config.from_app(app))
+    try:
+        got = EventLog()
+        with Listener(app, deliver=got.add) as listener:
+            assert listener.wait_ready(5)
+            listener._token = "someone-else"
+            for event in events:
+                publisher.publish(event)
+            got.wait_finished(5)
+    finally:
+        workflow_finished_telemetry.disconnect(telemetry)
+        publisher.close()
+    [one] = sent
+    assert (one["workflow_id"], one["outcome"], one["total_count"]) == ("wf-t", "completed", 1)
+    assert one["failed_count"] == 0 and one["duration"] >= 0
