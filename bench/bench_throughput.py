@@ -255,8 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seq-reps", type=int, default=15)
     parser.add_argument("--store", choices=("redis", "sqlite"), default="redis")
+    parser.add_argument("--fast-begin", action="store_true", help="baton_fast_begin on")
     parser.add_argument("--only", nargs="*", default=list(SCENARIOS), help="scenarios to run")
     args = parser.parse_args(argv)
+    os.environ["BENCH_FAST_BEGIN"] = "1" if args.fast_begin else "0"  # for the workers
     n = args.workflows * args.width
     with own_redis() as port, tempfile.TemporaryDirectory() as tmp:
         if args.store == "redis":
@@ -274,8 +276,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  round {round_ + 1}: {scenario:22s} {rate:7.0f} tasks/s"
                       f" {cost:7.0f} us CPU/task", flush=True)  # fmt: skip
         flows, chains = one_sequence(port, store, args.width, args.seq_reps)
-    print(f"\nThroughput, {args.store} store: {n} no-op tasks ({args.workflows} x {args.width})"
-          f", prefork -c 2, Redis broker, median of {args.rounds} rounds")  # fmt: skip
+    fast = ", baton_fast_begin" if args.fast_begin else ""
+    print(f"\nThroughput, {args.store} store{fast}: {n} no-op tasks ({args.workflows} x "
+          f"{args.width}), prefork -c 2, Redis broker, median of {args.rounds} rounds")  # fmt: skip
     median = {s: statistics.median(r) for s, r in rates.items()}
     cpu = {s: statistics.median(c) for s, c in costs.items()}
     for scenario, rate in median.items():
