@@ -33,8 +33,12 @@ class Config:
     snooze_delay: float = 1.0  # baton_snooze_delay: seconds before a snoozed step retries
     max_error_length: int = 2000  # baton_max_error_length: events' error strings are cut here
     store_results: bool = True  # baton_store_results: keep results for dependency_results()
-    # baton_fast_begin: a first delivery's begin does not wait for the store (see hooks)
-    fast_begin: bool = False
+    # baton_fast_begin: a fresh first delivery runs without asking the store's gate, its
+    # begin sent with its settle (see hooks._gate_known)
+    fast_begin: bool = True
+    # baton_running_after: seconds after which such a step's begin is sent anyway, so
+    # that it shows as executing (see running.py)
+    running_after: float = 0.5
     # The broker bridge (baton_celery.bridge / baton_celery.listener):
     bridge: bool = False  # baton_bridge: also publish every event on the broker
     bridge_exchange: str = "baton_celery.events"  # baton_bridge_exchange: the fanout's name
@@ -64,6 +68,7 @@ class Config:
             max_error_length=int(get("max_error_length", cls.max_error_length)),
             store_results=_flag(get("store_results", cls.store_results)),
             fast_begin=_flag(get("fast_begin", cls.fast_begin)),
+            running_after=float(get("running_after", cls.running_after)),
             bridge=_flag(get("bridge", cls.bridge)),
             bridge_exchange=str(get("bridge_exchange", cls.bridge_exchange)),
             bridge_background=_flag(get("bridge_background", cls.bridge_background)),

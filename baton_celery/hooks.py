@@ -11,27 +11,25 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any, Callable, NamedTuple
 
-from . import pubsub
+from . import pubsub, revokes, running
 from .announce import announce
 from .events import CANCELLED, COMPLETED, DISCARDED
-from .guard import guarded, log_failure
+from .guard import log_failure
 from .identity import identity_of
+from .running import RAN_ANYWAY
 from .runtime import Runtime, runtime_for
 from .stores.records import RUN
 
-__all__ = ["RECEIVERS", "StepRef", "collect_begin", "step_hook"]
+__all__ = ["RECEIVERS", "StepRef", "begin_unsent", "settle_run", "step_hook"]
 
 logger = logging.getLogger(__name__)
 
 UNSERIALIZABLE = (
     "baton_celery: the result of step %r (workflow %s) is not JSON-serializable; "
     "it is not stored, dependency_results() will not include it"
-)
-RAN_ANYWAY = (
-    "baton_celery: step %r of workflow %s ran, but the store's gate answered %r (a "
-    "revoke or a cancel that came too late to stop it); its settle changes nothing"
 )
 MEMORY_UNDER_PREFORK = (
     "baton_celery: baton_store is %r, which only this process can see, but this worker "
@@ -46,8 +44,8 @@ RETRY_MARKED_ATTR = "baton_retry_marked"
 GATE_ATTR = "baton_gate"
 # For a snoozed request: the step's publication number when it was snoozed.
 SNOOZE_DISPATCH_ATTR = "baton_snooze_dispatch"
-# A begin sent without waiting for its reply (a stores.base.Deferred), until collected.
-BEGIN_ATTR = "baton_begin"
+# A step's fast-path run (running.Run) while its begin may still be unsent.
+RUN_ATTR = "baton_run"
 
 
 class StepRef(NamedTuple):
@@ -57,6 +55,7 @@ class StepRef(NamedTuple):
     workflow_id: str
     step: str
     dispatch: int
+    published_at: float | None = None  # when baton published the message (its header)
 
 
 def step_of(app: Any, request: Any) -> StepRef | None:
@@ -68,7 +67,7 @@ def step_of(app: Any, request: Any) -> StepRef | None:
     runtime = runtime_for(app)
     if runtime is None:
         return None
-    return StepRef(runtime, ident.workflow_id, ident.step, ident.dispatch)
+    return StepRef(runtime, ident.workflow_id, ident.step, ident.dispatch, ident.published_at)
 
 
 Finder = Callable[[Any, dict[str, Any]], "StepRef | None"]
@@ -114,11 +113,9 @@ def on_task_prerun(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
     request = sender.request
     runtime = ref.runtime
     if _gate_known(ref, request):
-        # The first delivery of a message baton published (dispatch >= 1) runs: the body
-        # need not wait for the store. The begin still reaches it before the body
-        # starts; its reply is read with the settle (collect_begin).
-        deferred = runtime.store.begin_deferred(ref.workflow_id, ref.step, ref.dispatch)
-        setattr(request, BEGIN_ATTR, deferred)
+        # Its begin travels with its settle (one transition), or is sent by the watchdog
+        # if it runs for long (see running.py).
+        setattr(request, RUN_ATTR, running.start(ref))
         return
     out = runtime.store.begin(ref.workflow_id, ref.step, ref.dispatch)
     # Per-request (a Context), not per-task state: safe with concurrent requests. The
@@ -129,39 +126,72 @@ def on_task_prerun(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
 
 
 def _gate_known(ref: StepRef, request: Any) -> bool:
-    """Whether to take the gate's answer as "run" without waiting (``baton_fast_begin``):
-    a message baton published (an early or a snoozed copy carries dispatch 0), delivered
-    for the first time (a redelivery may be of a step that completed: the broker flags
-    it), with no receiver in this process waiting for the begin's events at once (the
-    store publishes them).
+    """Whether the gate's answer is known to be "run" without asking the store (the fast
+    path, ``baton_fast_begin``): the message is one baton published (an early or a
+    snoozed copy carries dispatch 0), delivered for the first time (a redelivery may be
+    of a step that completed: the broker flags it), published since this worker receives
+    revokes (see :mod:`revokes`: a cancel's revoke reached it, and Celery refused the
+    message before it got here) and less than ``fresh_for`` seconds ago (older, the
+    backstop may have discarded the step, or a Redis broker restored a copy past its
+    visibility timeout), and no receiver in this process wants its events at once.
 
-    The answer can still be "skip" in a few races, which this path gives up: the
-    workflow was cancelled but the revoke did not reach the worker (it was down), the
-    backstop discarded the step while its message waited, or the Redis broker restored
-    a message past its visibility timeout while the first copy was still prefetched.
-    Then the body runs once more; its settle changes nothing, and a warning says so."""
+    What remains is the race the gate has too: a cancel while the message is on its way
+    to the pool. Then the body runs; its settle changes nothing, and a warning says so.
+    Publication times are the publisher's clock: hosts' clocks must agree (NTP)."""
+    runtime = ref.runtime
+    if ref.dispatch < 1 or not runtime.fast_path or request.is_eager:
+        return False
+    if (request.delivery_info or {}).get("redelivered"):
+        return False
+    published = ref.published_at
+    since = revokes.since()
     return (
-        ref.dispatch >= 1
-        and ref.runtime.defers_begin
-        and not request.is_eager
-        and not (request.delivery_info or {}).get("redelivered")
+        published is not None
+        and since is not None
+        and since <= published
+        and time.time() - published < runtime.fresh_for
         and not pubsub.has_receivers(ref.workflow_id)
     )
 
 
-def collect_begin(ref: StepRef, request: Any) -> None:
-    """Read the reply of a begin sent without waiting, before the run settles (or ends):
-    its events are in the store and on its channel already; anything else it implies is
-    announced. Its failure is logged and does not stop the settle."""
-    deferred = getattr(request, BEGIN_ATTR, None)
-    if deferred is None:
+def begin_unsent(ref: StepRef, request: Any) -> None:
+    """Before a transition that needs the step executing (a retry; a run that ended
+    without a settle): send the begin of a fast-path run, if not sent yet."""
+    run = getattr(request, RUN_ATTR, None)
+    if run is None:
         return
-    setattr(request, BEGIN_ATTR, None)
-    with guarded("reading a step's begin", ref.workflow_id):
-        out = deferred.result()
+    setattr(request, RUN_ATTR, None)
+    if running.close(run):
+        out = ref.runtime.store.begin(ref.workflow_id, ref.step, ref.dispatch)
         if out.decision != RUN:
             logger.warning(RAN_ANYWAY, ref.step, ref.workflow_id, out.decision)
         announce(ref.runtime, out)
+
+
+def settle_run(
+    ref: StepRef,
+    request: Any,
+    state: str,
+    *,
+    has_result: bool = False,
+    result: Any = None,
+    error: str | None = None,
+) -> None:
+    """Settle the step a request ran: with its begin (one transition) when it ran on the
+    fast path and the watchdog did not send the begin; the events it made, announced."""
+    store = ref.runtime.store
+    run = getattr(request, RUN_ATTR, None) if request is not None else None
+    if run is not None:
+        setattr(request, RUN_ATTR, None)
+    if run is not None and running.close(run):
+        out = store.run(ref.workflow_id, ref.step, ref.dispatch, run.ran_for(), state,
+                        has_result=has_result, result=result, error=error)  # fmt: skip
+        if out.decision != RUN:
+            logger.warning(RAN_ANYWAY, ref.step, ref.workflow_id, out.decision)
+    else:
+        out = store.settle(ref.workflow_id, ref.step, state, has_result=has_result,
+                           result=result, error=error)  # fmt: skip
+    announce(ref.runtime, out)
 
 
 # --- task_success / task_retry / task_failure (pool child) ---------------------------
@@ -181,21 +211,19 @@ def _result_for_store(ref: StepRef, result: Any) -> Any:
 # task_success carries no task_id: the request is still the sender's.
 @step_hook("task_success")
 def on_task_success(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
-    collect_begin(ref, sender.request)
     result = kwargs.get("result")
-    out = ref.runtime.store.settle(
-        ref.workflow_id,
-        ref.step,
+    settle_run(
+        ref,
+        sender.request,
         COMPLETED,
         has_result=result is not None,
         result=_result_for_store(ref, result),
     )
-    announce(ref.runtime, out)
 
 
 def mark_retrying(ref: StepRef, request: Any, cause: Any) -> None:
     """The step failed and will be retried: one transition, its events."""
-    collect_begin(ref, request)
+    begin_unsent(ref, request)
     out = ref.runtime.store.retrying(ref.workflow_id, ref.step, ref.runtime.error_text(cause))
     announce(ref.runtime, out)
 
@@ -224,11 +252,11 @@ def _failing_request(sender: Any, kwargs: dict[str, Any]) -> StepRef | None:
 
 @step_hook("task_failure", find=_failing_request)
 def on_task_failure(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
-    if getattr(sender.request, "id", None) == kwargs.get("task_id"):
-        collect_begin(ref, sender.request)  # in the pool process that ran it
+    # In the pool process that ran it, the request is the sender's; a WorkerLostError is
+    # reported by the main process (no run of its own there).
+    ran_here = getattr(sender.request, "id", None) == kwargs.get("task_id")
     error = ref.runtime.error_text(kwargs.get("exception"))
-    out = ref.runtime.store.settle(ref.workflow_id, ref.step, DISCARDED, error=error)
-    announce(ref.runtime, out)
+    settle_run(ref, sender.request if ran_here else None, DISCARDED, error=error)
 
 
 # --- task_postrun (pool child): a run that ended without a settle ---------------------
@@ -236,9 +264,9 @@ def on_task_failure(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
 
 @step_hook("task_postrun")
 def on_task_postrun(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
-    # Ignore or Reject raised by the task (or the gate) settle nothing: a begin sent
-    # without waiting is read here, so its connection goes back to the pool.
-    collect_begin(ref, sender.request)
+    # Ignore or Reject raised by the task settle nothing: the step stays executing, as
+    # on the gated path (the backstop settles it if nothing else does).
+    begin_unsent(ref, sender.request)
 
 
 # --- task_revoked (always the main process) ------------------------------------------

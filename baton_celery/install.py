@@ -1,9 +1,10 @@
 """Connecting baton to a Celery app, and undoing it.
 
-:func:`install` does three things, and :func:`uninstall` undoes each of them: it keeps
+:func:`install` does four things, and :func:`uninstall` undoes each of them: it keeps
 the app's runtime (configuration and store), puts baton's task annotations in front of
-the app's own (the wrapped ``before_start`` and ``retry``, see :mod:`task_wrappers`), and
-connects the signal receivers of :mod:`hooks` (process-wide, once for every app).
+the app's own (the wrapped ``before_start`` and ``retry``, see :mod:`task_wrappers`),
+adds a step to its workers' consumer (:mod:`revokes`), and connects the signal receivers
+of :mod:`hooks` (process-wide, once for every app).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from . import _observe, bridge
 from .config import Config
 from .guard import guarded
 from .hooks import RECEIVERS
+from .revokes import ReceivesRevokes
 from .runtime import Runtime, installed_apps, register, runtime_for, unregister
 from .task_wrappers import TaskAnnotations, unwrap_task_class, wrap_task_class
 
@@ -66,6 +68,7 @@ def install(app: Any) -> Runtime:
     for cls in _bound_task_classes(app):
         wrap_task_class(cls)
     register(app, runtime)
+    app.steps["consumer"].add(ReceivesRevokes)  # for workers made from now on
     _connect_receivers()
     _observe.switch_on_configured(app)  # baton_otel / baton_metrics: nothing when off
     return runtime
@@ -87,6 +90,7 @@ def uninstall(app: Any) -> None:
         del app.__dict__[ANNOTATIONS_ATTR]  # Celery prepares the user's own again
     for cls in _bound_task_classes(app):
         unwrap_task_class(cls)
+    app.steps["consumer"].discard(ReceivesRevokes)
     with guarded("closing the bridge publisher"):
         bridge.close(runtime)
     with guarded("closing the store"):

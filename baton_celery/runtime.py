@@ -21,6 +21,10 @@ CHANGED_AFTER_INSTALL = (
 
 __all__ = ["Runtime", "runtime_for"]
 
+#: Seconds after its publication a step's message may still take the fast path (see
+#: ``Runtime.fresh_for``).
+FRESH_FOR = 60.0
+
 _runtimes: weakref.WeakKeyDictionary[Any, Runtime] = weakref.WeakKeyDictionary()
 
 
@@ -35,7 +39,8 @@ class Runtime:
         # dropping defaults added later. See install().
         self._config = config
         self._store: Store | None = None
-        self._defers_begin: bool | None = None
+        self._fast_path: bool | None = None
+        self._fresh_for: float | None = None
         self._lock = threading.Lock()
 
     @property
@@ -87,19 +92,27 @@ class Runtime:
             self._config = current
 
     @property
-    def defers_begin(self) -> bool:
-        """Whether a step's begin may be sent without waiting for its reply (see
-        ``hooks.on_task_prerun``): ``baton_fast_begin`` is on, the store can, nothing
-        here needs the begin's events at once (the broker bridge would), and the broker
-        marks redeliveries."""
-        known = self._defers_begin
+    def fast_path(self) -> bool:
+        """Whether a step's first delivery may skip the store's gate (``baton_fast_begin``,
+        see ``hooks._gate_known``): the option is on and the broker flags redeliveries."""
+        known = self._fast_path
         if known is None:
-            known = self._defers_begin = (
-                self.config.fast_begin
-                and self.store.defers_begin
-                and not self.broker_bridge
-                and _flags_redeliveries(self.app)
-            )
+            known = self._fast_path = self.config.fast_begin and _flags_redeliveries(self.app)
+        return known
+
+    @property
+    def fresh_for(self) -> float:
+        """Seconds after its publication a message takes the fast path: below the
+        backstop's threshold (it may have discarded an older step) and half a Redis
+        broker's visibility timeout (past it, a copy may have been restored)."""
+        known = self._fresh_for
+        if known is None:
+            conf = self.app.conf
+            limits = [FRESH_FOR, float(conf.get("baton_backstop_after") or 3600.0) / 2]
+            visibility = (conf.get("broker_transport_options") or {}).get("visibility_timeout")
+            if visibility:
+                limits.append(float(visibility) / 2)
+            known = self._fresh_for = min(limits)
         return known
 
     @property

@@ -18,15 +18,14 @@ from typing import Any, Callable
 from celery.app.annotations import _first_match, _first_match_any, prepare
 from celery.exceptions import Ignore, Reject
 
-from .announce import announce
 from .events import DISCARDED
 from .guard import guarded
 from .hooks import (
     GATE_ATTR,
     RETRY_MARKED_ATTR,
     SNOOZE_DISPATCH_ATTR,
-    collect_begin,
     mark_retrying,
+    settle_run,
     step_of,
 )
 from .identity import HEADER
@@ -150,11 +149,8 @@ def _discard_unretried(task: Any, request: Any, rejected: Reject) -> None:
         ref = step_of(task.app, request)
         if ref is None:
             return
-        collect_begin(ref, request)
         error = ref.runtime.error_text(f"retry could not be published: {rejected.reason!r}")
-        announce(
-            ref.runtime, ref.runtime.store.settle(ref.workflow_id, ref.step, DISCARDED, error=error)
-        )
+        settle_run(ref, request, DISCARDED, error=error)
 
 
 # --- putting them on task classes -------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from ..events import COMPLETED, Event
 from . import records
@@ -13,7 +13,6 @@ from .transition import Transition, WorkflowSummary
 
 __all__ = [
     "WORKFLOW_STATES",
-    "Deferred",
     "RecordStore",
     "Store",
     "StoreError",
@@ -34,31 +33,13 @@ class UnknownWorkflow(KeyError):
     """No workflow with this id is stored (never created, or pruned after its retention)."""
 
 
-class Deferred(Protocol):
-    """A transition sent without waiting for its reply (see ``Store.begin_deferred``)."""
-
-    def result(self) -> Transition:
-        """Its reply (read now, if it was not yet); StoreError when it cannot be read."""
-        ...
-
-
-class Done:
-    """A transition that was applied at once: its reply is here already."""
-
-    def __init__(self, out: Transition) -> None:
-        self.out = out
-
-    def result(self) -> Transition:
-        return self.out
-
-
 class Store(abc.ABC):
     """Where workflows live. Every method is one atomic operation.
 
     Contract (shared by every backend and checked by tests/test_store_contract.py):
 
     - ``create`` stores a whole workflow or nothing, and refuses an id that exists.
-    - ``begin``, ``retrying``, ``settle`` and ``cancel`` each apply one transition from
+    - ``begin``, ``run``, ``retrying``, ``settle`` and ``cancel`` each apply one transition from
       :mod:`baton_celery.stores.records` atomically: of any number of racing callers
       settling a workflow's last steps, exactly one gets ``Transition.finish``.
     - A step settles once: a second ``settle`` returns ``applied=False`` and changes nothing.
@@ -76,8 +57,6 @@ class Store(abc.ABC):
     feed_channel: str | None = None
     #: Where it does publish them ("": nowhere); the runtime sets it when the bridge is on.
     channel: str = ""
-    #: Whether :meth:`begin_deferred` sends the begin without waiting for its reply.
-    defers_begin: bool = False
 
     @abc.abstractmethod
     def create(self, record: WorkflowRecord) -> None: ...
@@ -92,11 +71,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def begin(self, workflow_id: str, step: str, dispatch: int) -> Transition: ...
 
-    def begin_deferred(self, workflow_id: str, step: str, dispatch: int) -> Deferred:
-        """:meth:`begin`, its reply read later: for a message whose gate answer is known
-        (``run``), so that the task's body need not wait for the store. Stores that
-        cannot send without waiting apply it at once."""
-        return Done(self.begin(workflow_id, step, dispatch))
+    @abc.abstractmethod
+    def run(
+        self,
+        workflow_id: str,
+        step: str,
+        dispatch: int,
+        ran_for: float,
+        state: str,
+        *,
+        has_result: bool = False,
+        result: Any = None,
+        error: str | None = None,
+    ) -> Transition:
+        """A step that ran without asking the gate (the fast path): its begin, stamped
+        ``ran_for`` seconds ago, and its settle, as one transition. When the gate's
+        answer is not "run" (``decision``), only the gate's part applied."""
 
     @abc.abstractmethod
     def retrying(self, workflow_id: str, step: str, error: str | None) -> Transition: ...
@@ -227,6 +217,26 @@ class RecordStore(Store):
 
     def begin(self, workflow_id: str, step: str, dispatch: int) -> Transition:
         return self._transform(workflow_id, lambda r: records.begin(r, step, dispatch))
+
+    def run(
+        self,
+        workflow_id: str,
+        step: str,
+        dispatch: int,
+        ran_for: float,
+        state: str,
+        *,
+        has_result: bool = False,
+        result: Any = None,
+        error: str | None = None,
+    ) -> Transition:
+        return self._transform(
+            workflow_id,
+            lambda r: records.run(
+                r, step, dispatch, ran_for, state, has_result=has_result, result=result,
+                error=error,
+            ),
+        )  # fmt: skip
 
     def retrying(self, workflow_id: str, step: str, error: str | None) -> Transition:
         return self._transform(workflow_id, lambda r: records.mark_retrying(r, step, error))

@@ -315,6 +315,34 @@ def begin(record: WorkflowRecord, name: str, dispatch: int) -> Transition:
     return out
 
 
+def run(
+    record: WorkflowRecord,
+    name: str,
+    dispatch: int,
+    ran_for: float,
+    state: str,
+    *,
+    has_result: bool = False,
+    result: Any = None,
+    error: str | None = None,
+) -> Transition:
+    """A step that ran without asking the gate (the fast path): :func:`begin` and
+    :func:`settle` as one transition. Its ``executing`` event is stamped when the body
+    started, ``ran_for`` seconds ago (never before the workflow's latest event). When the
+    gate does not answer "run", only the gate's part applies (the body ran anyway)."""
+    floor = max(record.updated_at, record.created_at)
+    gate = begin(record, name, dispatch)
+    if gate.decision != RUN:
+        return gate
+    executing = _made(gate)[-1]
+    assert isinstance(executing, StepUpdated)
+    started = _at(max(record.updated_at - ran_for, floor))
+    out = settle(record, name, state, has_result=has_result, result=result, error=error)
+    out.decision, out.dispatch = RUN, gate.dispatch
+    out.events = [dataclasses.replace(executing, timestamp=started), *_made(out)]
+    return out
+
+
 def mark_retrying(record: WorkflowRecord, name: str, error: str | None) -> Transition:
     """The step failed and Celery will retry it; not applied when it is not running
     (a stale report)."""

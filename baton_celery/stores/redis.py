@@ -13,7 +13,7 @@ from typing import Any
 
 from ..events import Event
 from ..process import process_token
-from .base import Deferred, Done, Store, StoreError, UnknownWorkflow
+from .base import Store, StoreError, UnknownWorkflow
 from .records import TERMINAL, WorkflowRecord
 from .redis_clients import client_from_url, is_cluster, with_timeout
 from .redis_index import RedisIndex
@@ -110,8 +110,6 @@ class RedisStore(RedisIndex, Store):
         self.timeout = timeout
         self._owns_client = owns_client
         self.cluster = is_cluster(client)
-        # A cluster client routes by key itself: there the begin waits for its reply.
-        self.defers_begin = not self.cluster
         self._loaded: set[str] = set()  # the scripts this store's client has run once
         # The transitions publish their events on ``channel`` once it is set to this.
         self.feed_channel = f"{key_prefix}:events"
@@ -222,30 +220,25 @@ class RedisStore(RedisIndex, Store):
     def begin(self, workflow_id: str, step: str, dispatch: int) -> Transition:
         return self._transition("begin", workflow_id, step, step, dispatch)
 
-    def begin_deferred(self, workflow_id: str, step: str, dispatch: int) -> Deferred:
-        """Send the begin on a connection of its own and read the reply later: the
-        connection stays taken until :meth:`Deferred.result` (which the settle of the
-        same run calls, before its own transition, so the two keep their order)."""
-        script = SCRIPTS["begin"]
-        if not self.defers_begin or script.name not in self._loaded:
-            return Done(self.begin(workflow_id, step, dispatch))
-        pool = self.client.connection_pool
-        base = self._base(workflow_id)
-        args = (self._global(""), workflow_id, self._retention_ms(), self.channel,
-                process_token() if self.channel else "", step, dispatch)  # fmt: skip
-        try:
-            try:
-                conn = pool.get_connection()
-            except TypeError:  # redis-py before 5.3 wants the command's name
-                conn = pool.get_connection("EVALSHA")
-        except self._errors() as exc:
-            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
-        try:
-            conn.send_command("EVALSHA", script.sha, 1, base + "m", base, *args)
-        except BaseException:
-            pool.release(conn)
-            return Done(self.begin(workflow_id, step, dispatch))  # a stale connection
-        return _SentBegin(self, pool, conn, workflow_id, step, dispatch)
+    def run(
+        self,
+        workflow_id: str,
+        step: str,
+        dispatch: int,
+        ran_for: float,
+        state: str,
+        *,
+        has_result: bool = False,
+        result: Any = None,
+        error: str | None = None,
+    ) -> Transition:
+        if state not in TERMINAL:
+            raise ValueError(f"not a terminal state: {state!r}")
+        encoded = "" if result is None else json.dumps(result)
+        args = (step, state, flag(has_result), flag(result is not None), encoded,
+                flag(error is not None), error or "", dispatch,
+                repr(max(0.0, ran_for)))  # fmt: skip
+        return self._transition("run", workflow_id, step, *args)
 
     def retrying(self, workflow_id: str, step: str, error: str | None) -> Transition:
         args = (step, flag(error is not None), error or "")
@@ -350,30 +343,3 @@ class RedisStore(RedisIndex, Store):
             raise UnknownWorkflow(workflow_id)
         found = zip(wanted, values[0]) if values else ()
         return {k: text(v) for k, v in found if v is not None}
-
-
-class _SentBegin:
-    """A begin sent on ``conn``, its reply not read yet."""
-
-    def __init__(
-        self, store: RedisStore, pool: Any, conn: Any, workflow_id: str, step: str, dispatch: int
-    ) -> None:
-        self.store, self.pool, self.conn = store, pool, conn
-        self.workflow_id, self.step, self.dispatch = workflow_id, step, dispatch
-
-    def result(self) -> Transition:
-        import redis
-
-        try:
-            reply = self.conn.read_response()
-        except redis.exceptions.NoScriptError:
-            # Redis lost its scripts (a restart) between loading and now: apply it again.
-            self.store._loaded.discard("begin")
-            return self.store.begin(self.workflow_id, self.step, self.dispatch)
-        except redis.RedisError as exc:
-            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
-        finally:
-            self.pool.release(self.conn)
-        reply = self.store._checked(reply, self.workflow_id, self.step)
-        out, _ = decode_transition(self.workflow_id, reply)
-        return out

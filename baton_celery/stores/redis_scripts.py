@@ -42,7 +42,7 @@ STEP_FIELDS = (
     "upd", "idx", "rem", "rn", "haskids",
 )  # fmt: skip
 #: The transitions run behind the prelude; the other scripts behind the field positions.
-TRANSITIONS = ("begin", "retrying", "settle", "cancel")
+TRANSITIONS = ("begin", "run", "retrying", "settle", "cancel")
 READERS = ("create", "load", "results", "dependency_results", "annotate")
 DECISIONS = {"run": RUN, "snooze": SNOOZE, "skip": SKIP}
 

@@ -5,10 +5,8 @@ expire them after the retention once finished; and fail fast when Redis is away.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,8 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from celery import Celery, signals
-from celery.contrib.testing.worker import start_worker
+from celery import Celery
 from redis.cluster import RedisCluster
 from redis_servers import (
     LocalRedis,
@@ -30,7 +27,6 @@ from redis_servers import (
 )
 
 import baton_celery
-from baton_celery import Workflow
 from baton_celery.events import StepUpdated, WorkflowFinished
 from baton_celery.stores import Store, StoreError, UnknownWorkflow, store_from_url
 from baton_celery.stores.memory import MemoryStore
@@ -471,110 +467,6 @@ def test_dependency_results_reads_only_the_steps_dependencies(redis_store: Redis
     assert memory.dependency_results(wid, "last") == expected
     assert redis_store.dependency_results(wid, "last") == expected
     assert redis_store.dependency_results(wid, "a") == {}
-
-
-# --- a begin sent without waiting ------------------------------------------------------
-
-
-@contextlib.contextmanager
-def ran(task_id: str) -> Iterator[None]:
-    """Wait, on leaving the block, until the task ``task_id`` has run (task_postrun comes
-    after baton's own receivers of the run)."""
-    done = threading.Event()
-
-    def postrun(task_id: str = "", **_: Any) -> None:
-        if task_id == wanted:
-            done.set()
-
-    wanted = task_id
-    signals.task_postrun.connect(postrun, weak=False)
-    try:
-        yield
-        assert done.wait(15), f"task {task_id} did not run"
-    finally:
-        signals.task_postrun.disconnect(postrun)
-
-
-def test_a_first_delivery_begins_without_waiting_for_the_store() -> None:
-    """On the Redis store with baton_fast_begin, with no receiver in the worker, a
-    released step's begin is sent and its reply read with the settle; with a receiver it
-    waits (the receiver wants the executing event at once). Either way the events and
-    the finish are the same."""
-    prefix = unique_prefix()
-    app = Celery(f"deferred-{prefix}", set_as_current=False)
-    app.conf.update(
-        broker_url="redis://127.0.0.1:6379/14", broker_connection_retry_on_startup=True,
-        broker_transport_options={"global_keyprefix": f"{prefix}:"},
-        task_ignore_result=True, worker_hijack_root_logger=False,
-        task_default_queue=f"q-{prefix}", baton_store=shared_redis_url(prefix),
-        baton_fast_begin=True,
-    )  # fmt: skip
-
-    @app.task(name=f"{prefix}.noop")
-    def noop() -> None:
-        return None
-
-    runtime = baton_celery.install(app)
-    store = runtime.store
-    calls: list[str] = []
-    for name in ("begin", "begin_deferred"):
-        real = getattr(store, name)
-
-        def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
-            calls.append(_name)
-            return _real(*args)
-
-        setattr(store, name, spy)
-    try:
-        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
-            for receiver in (None, lambda workflow_id, event: None):
-                calls.clear()
-                if receiver is not None:
-                    baton_celery.subscribe_all(receiver)
-                try:
-                    last = f"b-{uuid.uuid4()}"
-                    flow = Workflow().add("a", noop.s())
-                    flow.add("b", noop.s().set(task_id=last), deps=["a"])
-                    # Not handle.wait(): it would be a receiver of the workflow here.
-                    with ran(last):
-                        handle = flow.apply_async(app)
-                    assert handle.status().outcome == "completed"
-                finally:
-                    if receiver is not None:
-                        baton_celery.unsubscribe_all(receiver)
-                states = [(e.step_name, e.state) for e in handle.events()[:-1]]
-                assert states == [("a", "executing"), ("a", "completed"),
-                                  ("b", "executing"), ("b", "completed")]  # fmt: skip
-                # The first begin loads the script: it waits once, in any case.
-                wanted = "begin" if receiver is not None else "begin_deferred"
-                assert calls[-1] == wanted, calls
-    finally:
-        baton_celery.uninstall(app)
-
-
-def test_a_redelivered_or_early_message_waits_for_the_gate() -> None:
-    from celery.app.task import Context
-
-    from baton_celery.hooks import StepRef, _gate_known
-
-    app = Celery("gate-known", broker="redis://127.0.0.1:6379/0", set_as_current=False)
-    app.conf.baton_store = shared_redis_url(unique_prefix())
-    app.conf.baton_fast_begin = True
-    runtime = baton_celery.install(app)
-    try:
-        first = Context(delivery_info={"redelivered": False}, is_eager=False)
-        again = Context(delivery_info={"redelivered": True}, is_eager=False)
-        assert _gate_known(StepRef(runtime, "w", "s", 1), first)
-        assert not _gate_known(StepRef(runtime, "w", "s", 1), again)
-        assert not _gate_known(StepRef(runtime, "w", "s", 0), first)  # early / snoozed copy
-    finally:
-        baton_celery.uninstall(app)
-    app.conf.baton_fast_begin = False  # the default: always ask the store
-    runtime = baton_celery.install(app)
-    try:
-        assert not _gate_known(StepRef(runtime, "w", "s", 1), first)
-    finally:
-        baton_celery.uninstall(app)
 
 
 def test_a_transition_too_big_for_the_channel_is_read_from_the_store() -> None:

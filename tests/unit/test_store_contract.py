@@ -231,6 +231,33 @@ def test_transitions_are_persisted(store: Store) -> None:
     assert done.finished_at == fin.finish.finished_at
 
 
+def test_run_is_a_begin_and_a_settle_in_one_transition(store: Store) -> None:
+    """The fast path's transition: both events in one, the executing one stamped when
+    the body started (never before the workflow's latest event), the dependents
+    released, the finish claimed; a gate that does not say "run" settles nothing."""
+    record = make_record(("a", ()), ("b", ("a",)), ("c", ()))
+    record.created_at -= 60
+    store.create(record)
+    out = store.run(record.id, "c", 1, 0.25, "discarded", error="E: c")
+    assert out.applied and out.decision == RUN and out.dispatch == 1
+    assert changes(out) == [("c", "executing", 1), ("c", "discarded", 1)]
+    executing, discarded = out.events
+    assert 0.2 <= (discarded.timestamp - executing.timestamp).total_seconds() <= 5.0
+    out = store.run(record.id, "a", 1, 3600.0, "completed", has_result=True, result=[7])
+    assert changes(out) == [("a", "executing", 1), ("a", "completed", 1)]
+    assert out.events[0].timestamp == discarded.timestamp  # not before the latest event
+    assert [s.name for s in out.released] == ["b"]
+    assert store.history(record.id)[-2:] == list(out.events)
+    assert store.results(record.id, ["a"]) == {"a": [7]}
+    assert store.run(record.id, "b", 0, 0.0, "completed").decision == SKIP  # stale copy
+    assert not store.run(record.id, "a", 1, 0.0, "completed").applied  # settled already
+    assert changes(store.begin(record.id, "b", 1)) == [("b", "executing", 1)]
+    fin = store.run(record.id, "b", 1, 0.0, "completed")  # the watchdog's begin was lost
+    assert changes(fin) == [("b", "executing", 2), ("b", "completed", 2)]
+    assert fin.finish is not None and fin.finish.failed_steps == ("c",)
+    assert [e.seq for e in store.history(record.id)] == list(range(1, 9))
+
+
 def test_a_step_settles_once(store: Store) -> None:
     record = make_record(("a", ()), ("b", ()))
     store.create(record)

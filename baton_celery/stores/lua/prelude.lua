@@ -24,8 +24,8 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 -- records.WorkflowRecord.tick: never before the workflow's latest event, nor its creation
 -- (the creating client's clock may be ahead of this server's).
-if m[8] and now < tonumber(m[8]) then now = tonumber(m[8]) end
-if now < tonumber(m[6]) then now = tonumber(m[6]) end
+local FLOOR = math.max(tonumber(m[8]) or 0, tonumber(m[6]))
+if now < FLOOR then now = FLOOR end
 local NOW = string.format('%.6f', now)
 
 local function skey(n) return P .. 's:' .. n end
@@ -50,12 +50,13 @@ end
 local events = {}  -- encoded, in order: the history's entries, the reply's, the channel's
 local released, revoke = {}, {}
 
--- records.step_event: one JSON array per event ("s": a step's; "f": the finish).
-local function emit(v, state)
+-- records.step_event: one JSON array per event ("s": a step's; "f": the finish), stamped
+-- NOW unless ``at`` says when it happened (run.lua's executing event).
+local function emit(v, state, at)
   W.seq = W.seq + 1
   set(v, SEQ, W.seq)
   set(v, UPD, NOW)
-  events[#events + 1] = cjson.encode({'s', W.seq, NOW, v.name, state, tonumber(v[ATT]),
+  events[#events + 1] = cjson.encode({'s', W.seq, at or NOW, v.name, state, tonumber(v[ATT]),
                                       v[HASRES] == '1', v[ERR] or false, v[TASK], v[JOB]})
 end
 
@@ -226,4 +227,55 @@ end
 -- A transition that changed nothing.
 local function unchanged(status, gated)
   return {status, 0, {}, {}, {}, false, gated and gated[DISP] or 0, W.label or false}
+end
+
+-- begin.lua and run.lua: a step's message is about to run (or ran without asking): run it
+-- (nil: the step is executing now, its event stamped ``at``), or the reply that snoozes
+-- or skips it.
+local function gate(v, dispatch, at)
+  if TERMINAL[v[STATE]] or dispatch < tonumber(v[DISP]) then return unchanged('skip', v) end
+  local function cancel_at_gate(err, origin)
+    terminate(v, 'cancelled', err, origin)
+    propagate(v)
+    claim()
+    return commit('skip', v)
+  end
+  if W.cancel then return cancel_at_gate(WORKFLOW_CANCELLED, v.name) end
+  if tonumber(v[REM]) > 0 then
+    -- Not released by its dependencies (a stray or early message): look at each of them.
+    local deps = cjson.decode(redis.call('HGET', P .. 'deps', v.name))
+    local ready = true
+    for i = 1, #deps do
+      local d = get(deps[i])
+      if not TERMINAL[d[STATE]] then
+        ready = false
+      elseif not tolerates(v, d[STATE]) then
+        return cancel_at_gate(reason(d), d[ORIG] or v.name)
+      end
+    end
+    if not ready then
+      emit(v, 'snoozed')
+      return commit('snooze', v)
+    end
+  end
+  set(v, STATE, 'executing')
+  set(v, DISP, math.max(tonumber(v[DISP]), dispatch))
+  set(v, ATT, tonumber(v[ATT]) + 1)
+  set(v, ERR, false)
+  emit(v, 'executing', at)
+  return nil
+end
+
+-- settle.lua and run.lua: step ``v`` reaches a terminal state; its dependents are released
+-- or cancelled. ARGV[8] = state, [9] = has_result "1"/"0", [10] = "1" when a result
+-- follows, [11] = result JSON, [12] = "1" when an error follows, [13] = error.
+local function settle(v)
+  local state = ARGV[8]
+  if v[HASRES] ~= ARGV[9] then set(v, HASRES, ARGV[9]) end
+  if ARGV[10] == '1' then redis.call('HSET', P .. 'res', v.name, ARGV[11]) end
+  local origin = nil
+  if state ~= 'completed' then origin = v.name end
+  terminate(v, state, ARGV[12] == '1' and ARGV[13], origin)
+  propagate(v)
+  claim()
 end
