@@ -42,6 +42,22 @@ class EventLog(list[Event]):
         """The states one step went through, in order."""
         return [e.state for e in self.steps if e.step_name == step_name]
 
+    def wait_for(self, step_name: str, state: str, timeout: float = 10.0) -> StepUpdated:
+        """Block until a step reached ``state`` (its first such event); TimeoutError
+        otherwise."""
+
+        def found() -> StepUpdated | None:
+            return next(
+                (e for e in self.steps if (e.step_name, e.state) == (step_name, state)), None
+            )
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: found() is not None, timeout):
+                raise TimeoutError(f"step {step_name!r} did not reach {state!r}")
+            event = found()
+            assert event is not None
+            return event
+
     def wait_finished(self, timeout: float = 10.0, count: int = 1) -> list[WorkflowFinished]:
         """Block until ``count`` WorkflowFinished events arrived; TimeoutError otherwise."""
         with self._cond:

@@ -5,8 +5,8 @@ BENCH_BROKER   the broker URL (Redis)
 BENCH_QUEUE    the queue of this run
 BENCH_BATON    "0": baton not installed; "installed": installed (the run sends plain
                tasks only); "1": installed, on the store BENCH_STORE; "bridge": and the
-               bridge on (a listener follows the events in the benchmark's process)
-BENCH_FAST_BEGIN  "1": baton_fast_begin on
+               bridge on (a listener follows the events in the benchmark's process);
+               "gated": baton_fast_begin off (every step asks the store's gate)
 BENCH_SIGNALS  a Redis URL: the worker pushes "ready" there, and one entry per
                ``bench.last`` task (the end of a chain or of a sequential workflow)
 
@@ -71,5 +71,5 @@ if "BENCH_SIGNALS" in os.environ:
     if mode != "0":
         app.conf.baton_store = os.environ["BENCH_STORE"]
         app.conf.baton_bridge = mode == "bridge"
-        app.conf.baton_fast_begin = os.environ.get("BENCH_FAST_BEGIN") == "1"
+        app.conf.baton_fast_begin = mode != "gated"
         baton_celery.install(app)

@@ -1,19 +1,21 @@
 """Throughput of baton_celery on a real prefork worker (-c 2), Redis broker, no-op tasks,
 results ignored, side by side with bare Celery in one run (median of alternating rounds):
 
-- parallel: N tasks as workflows of parallel steps (baton; and with the bridge on and a
-  listener following every event), vs N bare tasks, vs N bare tasks with baton installed
-  (tasks that are not steps);
+- parallel: N tasks as workflows of parallel steps (baton; with the bridge on and a
+  listener following every event; with baton_fast_begin off, every step asking the
+  store's gate), vs N bare tasks, vs N bare tasks with baton installed (tasks that are
+  not steps);
 - sequential: workflows of S sequential steps vs Celery chains of S tasks, all submitted
   at once: tasks/s until every one ended;
 - one sequential workflow vs one chain, wall time (median of reps).
 
-Besides tasks/s (wall time from the worker's start to the last task), each run reports
+The work is published while the worker is up (as in production), then the worker takes
+up its queue. Besides tasks/s (wall time from then to the last task), each run reports
 the CPU it cost: the worker's processes (main and pool) and the redis-server serving
 broker and store, per task, read from /proc: a figure other load on the machine does not
 move much, where wall-clock throughput does. The scenarios' order rotates every round.
 
-Run: python bench/bench_throughput.py [--workflows 150 --width 20 --rounds 3]
+Run: python bench/bench_throughput.py [--workflows 150 --width 20 --rounds 3 --only ...]
      [--store redis|sqlite]
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +48,7 @@ SCENARIOS = {
     "bare, baton installed": ("installed", "tasks"),
     "baton": ("1", "parallel"),
     "baton + listener": ("bridge", "parallel"),
+    "baton, gated": ("gated", "parallel"),
     "chains": ("0", "chains"),
     "baton sequential": ("1", "sequential"),
 }
@@ -53,6 +57,7 @@ RATIOS = [
     ("bare, baton installed", "bare"),
     ("baton", "bare"),
     ("baton + listener", "bare"),
+    ("baton, gated", "bare"),
     ("baton sequential", "chains"),
 ]
 
@@ -85,8 +90,12 @@ class Worker:
             "BENCH_QUEUE": queue,
             "BENCH_BATON": mode,
         }
+        # It starts on a queue of its own and takes up the benchmark's queue when told
+        # (consume()): the work is published to a worker that is up, as in production
+        # (messages published before a worker receives revokes take baton's gate).
+        self.queue, self.name = queue, f"{queue}@{socket.gethostname()}"
         cmd = [sys.executable, "-m", "celery", "-A", "bench_app", "worker", "-P", "prefork",
-               "-c", "2", "-Q", queue, "-l", "WARNING", "--without-mingle",
+               "-c", "2", "-Q", f"{queue}-idle", "-l", "WARNING", "--without-mingle",
                "--without-gossip", "--without-heartbeat", "-n", f"{queue}@%h"]  # fmt: skip
         self.process = subprocess.Popen(
             cmd, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -96,6 +105,14 @@ class Worker:
             self.stop()
             raise RuntimeError("the benchmark worker did not start")
         self.ready_at = time.time()
+
+    def consume(self, app: Any) -> float:
+        """Take up the benchmark's queue now; when it was asked to."""
+        started = time.time()
+        replies = app.control.add_consumer(self.queue, destination=[self.name], reply=True)
+        if not replies:
+            raise RuntimeError("the benchmark worker did not take up its queue")
+        return started
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -174,6 +191,7 @@ def throughput(
     mode, shape = SCENARIOS[scenario]
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     app = client_app(port, store, queue, mode)
+    worker = Worker(port, store, queue, mode)
     ids = submit(app, shape, workflows, width)
     listener = baton_celery.listen(app) if mode == "bridge" else None
     events: list[int] = []
@@ -185,12 +203,12 @@ def throughput(
         baton_celery.subscribe_all(count)
     broker = redis.Redis(port=port, db=0)
     server = int(broker.info("server")["process_id"])
-    worker = Worker(port, store, queue, mode)
     cpu = tree_cpu(worker.process.pid) + cpu_seconds(server)
     try:
+        started = worker.consume(app)
         while not finished(broker, worker.db, queue, shape, workflows):
             time.sleep(0.02)  # polling the queue: 20 ms keeps the poll off the CPU
-        elapsed = time.time() - worker.ready_at
+        elapsed = time.time() - started
         cpu = tree_cpu(worker.process.pid) + cpu_seconds(server) - cpu
     finally:
         worker.stop()
@@ -225,6 +243,7 @@ def one_sequence(port: int, store: str, steps: int, reps: int) -> tuple[list[flo
     worker = Worker(port, store, queue, "1")
     flows, chains = [], []
     try:
+        worker.consume(app)
         for rep in range(reps + 2):  # the first two warm the pool up
             flow = Workflow(label="seq")
             for i in range(steps):
@@ -255,10 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seq-reps", type=int, default=15)
     parser.add_argument("--store", choices=("redis", "sqlite"), default="redis")
-    parser.add_argument("--fast-begin", action="store_true", help="baton_fast_begin on")
     parser.add_argument("--only", nargs="*", default=list(SCENARIOS), help="scenarios to run")
     args = parser.parse_args(argv)
-    os.environ["BENCH_FAST_BEGIN"] = "1" if args.fast_begin else "0"  # for the workers
     n = args.workflows * args.width
     with own_redis() as port, tempfile.TemporaryDirectory() as tmp:
         if args.store == "redis":
@@ -276,8 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  round {round_ + 1}: {scenario:22s} {rate:7.0f} tasks/s"
                       f" {cost:7.0f} us CPU/task", flush=True)  # fmt: skip
         flows, chains = one_sequence(port, store, args.width, args.seq_reps)
-    fast = ", baton_fast_begin" if args.fast_begin else ""
-    print(f"\nThroughput, {args.store} store{fast}: {n} no-op tasks ({args.workflows} x "
+    print(f"\nThroughput, {args.store} store: {n} no-op tasks ({args.workflows} x "
           f"{args.width}), prefork -c 2, Redis broker, median of {args.rounds} rounds")  # fmt: skip
     median = {s: statistics.median(r) for s, r in rates.items()}
     cpu = {s: statistics.median(c) for s, c in costs.items()}

@@ -1,8 +1,9 @@
-"""End-to-end: steps whose begin is sent without waiting for the store (baton_fast_begin:
-a first delivery of a message baton published, on workers with no receiver of their
-own), on real prefork workers over Redis and RabbitMQ with the Redis store. The
-guarantees hold: a running step shows as executing, a retried step counts its attempts,
-a redelivered step runs again as a new attempt and settles once, every event is in the
+"""End-to-end: steps on the fast path (baton_fast_begin, the default: a fresh first
+delivery runs without asking the store's gate, its begin sent with its settle, or by
+the watchdog once it runs past baton_running_after), on real prefork workers over Redis
+and RabbitMQ with the Redis store, with no receiver in the workers. The guarantees hold:
+a long step shows as executing while it runs, a retried step counts its attempts, a
+redelivered step runs again as a new attempt and settles once, every event is in the
 history in order, one finish."""
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ def test_a_diamond_with_a_retry_and_a_redelivery(quiet: Cluster) -> None:
             .apply_async(app=quiet.app)
         )
         steps.wait_started("a")
+        log.wait_for("a", "executing", timeout=TIMEOUT)  # the watchdog's begin
         status = handle.status().steps
         assert (status["a"].state, status["b"].state) == ("executing", "pending")
         steps.release("a")
         first = steps.wait_started("c")
+        log.wait_for("c", "executing", timeout=TIMEOUT)  # it shows as running: then killed
         os.kill(first, signal.SIGKILL)  # redelivered: runs again in a new pool process
         assert steps.wait_started("c") != first
         steps.release("c")
