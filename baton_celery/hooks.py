@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 from . import pubsub, revokes, running
 from .announce import announce
 from .events import CANCELLED, COMPLETED, DISCARDED
 from .guard import log_failure
 from .identity import identity_of
-from .running import RAN_ANYWAY
-from .runtime import Runtime, runtime_for
+from .running import RAN_ANYWAY, StepRef
+from .runtime import runtime_for
 from .stores.records import RUN
 
 __all__ = ["RECEIVERS", "StepRef", "begin_unsent", "settle_run", "step_hook"]
@@ -46,16 +46,6 @@ GATE_ATTR = "baton_gate"
 SNOOZE_DISPATCH_ATTR = "baton_snooze_dispatch"
 # A step's fast-path run (running.Run) while its begin may still be unsent.
 RUN_ATTR = "baton_run"
-
-
-class StepRef(NamedTuple):
-    """The step a signal is about, and the installed app's runtime."""
-
-    runtime: Runtime
-    workflow_id: str
-    step: str
-    dispatch: int
-    published_at: float | None = None  # when baton published the message (its header)
 
 
 def step_of(app: Any, request: Any) -> StepRef | None:

@@ -15,16 +15,14 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 from .announce import announce
 from .guard import guarded
+from .runtime import Runtime
 from .stores.records import RUN
 
-if TYPE_CHECKING:
-    from .hooks import StepRef
-
-__all__ = ["RAN_ANYWAY", "Run", "close", "start"]
+__all__ = ["RAN_ANYWAY", "Run", "StepRef", "close", "start"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +32,16 @@ RAN_ANYWAY = (
 )
 #: Seconds between two looks of the watchdog at the running steps.
 TICK = 0.1
+
+
+class StepRef(NamedTuple):
+    """The step a signal is about, and the installed app's runtime."""
+
+    runtime: Runtime
+    workflow_id: str
+    step: str
+    dispatch: int
+    published_at: float | None = None  # when baton published the message (its header)
 
 
 class Run:
@@ -59,6 +67,16 @@ _CLOSED.set()
 _lock = threading.Lock()
 _open: dict[int, Run] = {}
 _watchdog: tuple[int, threading.Thread] | None = None  # (its process id, the thread)
+
+
+def _forget_after_fork() -> None:
+    # A forked child inherits neither the watchdog thread nor the parent's runs; a lock
+    # the parent's watchdog held at the fork would stay held.
+    global _lock, _open
+    _lock, _open = threading.Lock(), {}
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def start(ref: StepRef) -> Run:
