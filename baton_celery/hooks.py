@@ -152,7 +152,7 @@ def begin_unsent(ref: StepRef, request: Any) -> None:
         return
     setattr(request, RUN_ATTR, None)
     if running.close(run):
-        out = ref.runtime.store.begin(ref.workflow_id, ref.step, ref.dispatch)
+        out = ref.runtime.store.begin(ref.workflow_id, ref.step, ref.dispatch, run.ran_for())
         if out.decision != RUN:
             logger.warning(RAN_ANYWAY, ref.step, ref.workflow_id, out.decision)
         announce(ref.runtime, out)

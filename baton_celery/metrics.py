@@ -72,6 +72,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from . import running
 from ._observe import SHAPES, Bounded, Observer
 from .events import (
     CANCELLED,
@@ -157,12 +158,14 @@ class Instruments:
 
 
 def _published_at(event: StepUpdated) -> float | None:
-    """When baton published the message of the step now starting in this process (the
-    ``executing`` event is made in task_prerun, where the task's request is current)."""
+    """When baton published the message of the step now starting in this process: its
+    ``executing`` event is made where the task's request is current (task_prerun, or
+    task_success on the fast path), or by the watchdog's thread (running.py)."""
     task = current_task._get_current_object() if current_task else None
     request = getattr(task, "request", None)
     if request is None or getattr(request, "id", None) != event.job_id:
-        return None
+        ref = running.announcing(event.workflow_id, event.step_name)
+        return None if ref is None else ref.published_at
     ident = identity_of(request)
     return None if ident is None else ident.published_at
 

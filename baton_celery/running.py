@@ -22,7 +22,7 @@ from .guard import guarded
 from .runtime import Runtime
 from .stores.records import RUN
 
-__all__ = ["RAN_ANYWAY", "Run", "StepRef", "close", "start"]
+__all__ = ["RAN_ANYWAY", "Run", "StepRef", "announcing", "close", "start"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,17 @@ _CLOSED.set()
 _lock = threading.Lock()
 _open: dict[int, Run] = {}
 _watchdog: tuple[int, threading.Thread] | None = None  # (its process id, the thread)
+
+
+# The step whose begin the watchdog's thread is announcing (see announcing()).
+_announcing = threading.local()
+
+
+def announcing(workflow_id: str, step: str) -> StepRef | None:
+    """The step if this thread is the watchdog announcing that step's begin (where no
+    task request is current: instrumentation finds the step's publication time here)."""
+    ref: StepRef | None = getattr(_announcing, "ref", None)
+    return ref if ref is not None and (ref.workflow_id, ref.step) == (workflow_id, step) else None
 
 
 def _forget_after_fork() -> None:
@@ -137,10 +148,12 @@ def _begin(run: Run) -> None:
     assert run.sending is not None
     try:
         with guarded("sending a long step's begin", ref.workflow_id):
-            out = ref.runtime.store.begin(ref.workflow_id, ref.step, ref.dispatch)
+            out = ref.runtime.store.begin(ref.workflow_id, ref.step, ref.dispatch, run.ran_for())
             run.begun = True
             if out.decision != RUN:
                 logger.warning(RAN_ANYWAY, ref.step, ref.workflow_id, out.decision)
+            _announcing.ref = ref
             announce(ref.runtime, out)
     finally:
+        _announcing.ref = None
         run.sending.set()

@@ -55,27 +55,33 @@ def record(shape: str, n: int) -> WorkflowRecord:
     return WorkflowRecord(wid, "bench", steps)
 
 
-def run_workflow(store: RedisStore, shape: str, n: int) -> float:
-    """Seconds spent in begin + settle for all steps of one workflow (creation excluded)."""
+def run_workflow(store: RedisStore, shape: str, n: int, fast: bool = False) -> float:
+    """Seconds spent in begin + settle (``fast``: the fast path's one ``run``) for all
+    steps of one workflow (creation excluded)."""
     made = record(shape, n)
     store.create(made)
     names = list(made.steps)
     started = time.perf_counter()
     finished = False
     for name in names:
-        gate = store.begin(made.id, name, 1)
-        assert gate.decision == "run", (shape, name, gate.decision)
-        finished = store.settle(made.id, name, "completed").finish is not None or finished
+        if fast:
+            out = store.run(made.id, name, 1, 0.001, "completed")
+        else:
+            assert store.begin(made.id, name, 1).decision == "run", (shape, name)
+            out = store.settle(made.id, name, "completed")
+        finished = out.finish is not None or finished
     elapsed = time.perf_counter() - started
     assert finished
     return elapsed
 
 
-def cost_per_step(store: RedisStore, shape: str, n: int, total: int = 10_000) -> float:
+def cost_per_step(
+    store: RedisStore, shape: str, n: int, total: int = 10_000, fast: bool = False
+) -> float:
     """Microseconds per step, best of 3 passes of about ``total`` steps each."""
     passes = []
     for _ in range(3):
-        spent = sum(run_workflow(store, shape, n) for _ in range(max(1, total // n)))
+        spent = sum(run_workflow(store, shape, n, fast) for _ in range(max(1, total // n)))
         passes.append(spent / (max(1, total // n) * n) * 1e6)
     return min(passes)
 
@@ -106,18 +112,21 @@ def memory_per_step(store: RedisStore, n: int) -> tuple[float, float, float]:
 
 
 def cpu_per_transition(store: RedisStore, n: int = 2000) -> dict[str, float]:
-    """Redis CPU per call (microseconds) of begin, settle and both on a fan-out root."""
+    """Redis CPU per call (microseconds) of begin, settle, and run (the fast path's
+    begin and settle in one), on parallel steps."""
     client = store.client
     spent: dict[str, float] = {}
-    made = record("parallel", n)
+    made, fast = record("parallel", n), record("parallel", n)
     store.create(made)
-    for script, call in (
-        ("begin", lambda name: store.begin(made.id, name, 1)),
-        ("settle", lambda name: store.settle(made.id, name, "completed")),
+    store.create(fast)
+    for script, steps, call in (
+        ("begin", made.steps, lambda name: store.begin(made.id, name, 1)),
+        ("settle", made.steps, lambda name: store.settle(made.id, name, "completed")),
+        ("run", fast.steps, lambda name: store.run(fast.id, name, 1, 0.001, "completed")),
     ):
-        call(next(iter(made.steps)))  # the script is loaded: EVALSHA from here on
+        call(next(iter(steps)))  # the script is loaded: EVALSHA from here on
         client.config_resetstat()
-        for name in list(made.steps)[1:]:
+        for name in list(steps)[1:]:
             call(name)
         stats = client.info("commandstats")["cmdstat_evalsha"]
         spent[script] = float(stats["usec_per_call"])
@@ -153,12 +162,13 @@ def main() -> None:
                 store.client.ping()
             ping.append((time.perf_counter() - started) / 2000 * 1e6)
         print(f"Redis round trip (PING) from Python: {min(ping):.0f} us")
-        print("\nStore cost per step (begin + settle, us), by workflow size:")
-        print(f"  {'shape':10s}" + "".join(f"{n:>10,d}" for n in SIZES) + "   max/min")
-        for shape in SHAPES:
-            costs = [cost_per_step(store, shape, n) for n in SIZES]
-            spread = max(costs) / min(costs)
-            print(f"  {shape:10s}" + "".join(f"{c:10.0f}" for c in costs) + f"   {spread:.2f}")
+        for fast, what in ((False, "begin + settle"), (True, "the fast path's run")):
+            print(f"\nStore cost per step ({what}, us), by workflow size:")
+            print(f"  {'shape':10s}" + "".join(f"{n:>10,d}" for n in SIZES) + "   max/min")
+            for shape in SHAPES:
+                costs = [cost_per_step(store, shape, n, fast=fast) for n in SIZES]
+                spread = max(costs) / min(costs)
+                print(f"  {shape:10s}" + "".join(f"{c:10.0f}" for c in costs) + f"   {spread:.2f}")
         print("\nRedis CPU per transition (INFO commandstats usec_per_call):")
         for script, usec in cpu_per_transition(store).items():
             print(f"  {script:8s} {usec:6.1f} us")

@@ -69,7 +69,9 @@ class Store(abc.ABC):
         """The (workflow id, step name) a Celery task id belongs to, if any."""
 
     @abc.abstractmethod
-    def begin(self, workflow_id: str, step: str, dispatch: int) -> Transition: ...
+    def begin(self, workflow_id: str, step: str, dispatch: int, ran_for: float = 0.0) -> Transition:
+        """The gate: run, snooze or skip the step's message. ``ran_for``: the seconds its
+        body has run already (the fast path's watchdog), for its ``executing`` event."""
 
     @abc.abstractmethod
     def run(
@@ -215,8 +217,8 @@ class RecordStore(Store):
         """Load the record, apply ``change``, save it and append the events it made to
         the history: all atomically."""
 
-    def begin(self, workflow_id: str, step: str, dispatch: int) -> Transition:
-        return self._transform(workflow_id, lambda r: records.begin(r, step, dispatch))
+    def begin(self, workflow_id: str, step: str, dispatch: int, ran_for: float = 0.0) -> Transition:
+        return self._transform(workflow_id, lambda r: records.begin(r, step, dispatch, ran_for))
 
     def run(
         self,

@@ -285,13 +285,16 @@ def _cancel_at_gate(
     return out
 
 
-def begin(record: WorkflowRecord, name: str, dispatch: int) -> Transition:
+def begin(record: WorkflowRecord, name: str, dispatch: int, ran_for: float = 0.0) -> Transition:
     """A step's message is about to run: decide whether it may, and count the attempt.
 
     ``dispatch`` is the publication number the message carries. A message older than the
     step's latest publication (a snoozed copy overtaken by the release) is skipped; a
     redelivery of the current one (worker lost, acks_late) runs again as a new attempt.
+    ``ran_for``: the seconds the body has run already (the fast path): the executing
+    event is stamped that much earlier, never before the workflow's latest event.
     """
+    floor = max(record.updated_at, record.created_at)
     step = record.steps[name]
     if step.settled or dispatch < step.dispatch:
         return _unchanged(record, decision=SKIP, dispatch=step.dispatch)
@@ -312,6 +315,9 @@ def begin(record: WorkflowRecord, name: str, dispatch: int) -> Transition:
     step.attempt += 1
     step.error = None
     _emit(record, out, step, EXECUTING)
+    if ran_for > 0:
+        started = _at(max(record.updated_at - ran_for, floor))
+        _made(out)[-1] = dataclasses.replace(_made(out)[-1], timestamp=started)
     return out
 
 
@@ -330,16 +336,12 @@ def run(
     :func:`settle` as one transition. Its ``executing`` event is stamped when the body
     started, ``ran_for`` seconds ago (never before the workflow's latest event). When the
     gate does not answer "run", only the gate's part applies (the body ran anyway)."""
-    floor = max(record.updated_at, record.created_at)
-    gate = begin(record, name, dispatch)
+    gate = begin(record, name, dispatch, ran_for)
     if gate.decision != RUN:
         return gate
-    executing = _made(gate)[-1]
-    assert isinstance(executing, StepUpdated)
-    started = _at(max(record.updated_at - ran_for, floor))
     out = settle(record, name, state, has_result=has_result, result=result, error=error)
     out.decision, out.dispatch = RUN, gate.dispatch
-    out.events = [dataclasses.replace(executing, timestamp=started), *_made(out)]
+    out.events = [*_made(gate), *_made(out)]
     return out
 
 

@@ -217,8 +217,8 @@ class RedisStore(RedisIndex, Store):
         except self._errors() as exc:
             raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
 
-    def begin(self, workflow_id: str, step: str, dispatch: int) -> Transition:
-        return self._transition("begin", workflow_id, step, step, dispatch)
+    def begin(self, workflow_id: str, step: str, dispatch: int, ran_for: float = 0.0) -> Transition:
+        return self._transition("begin", workflow_id, step, step, dispatch, repr(max(0.0, ran_for)))
 
     def run(
         self,

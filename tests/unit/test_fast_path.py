@@ -246,3 +246,40 @@ def test_the_worker_marks_since_when_it_receives_revokes(store_url: str) -> None
     finally:
         baton_celery.uninstall(app)
     assert revokes.ReceivesRevokes not in app.steps["consumer"]
+
+
+def test_metrics_time_a_long_step_whose_begin_the_watchdog_sent() -> None:
+    """The queue wait and the run time of a fast-path step whose executing event the
+    watchdog's thread made (no task request is current there)."""
+    from prometheus_client import REGISTRY
+
+    label = f"long-{uuid.uuid4().hex[:8]}"
+    app = make_app(shared_redis_url(unique_prefix()), baton_running_after=0.2, baton_metrics=True)
+    key = f"{unique_prefix()}:release"
+    client = redis.Redis.from_url(SHARED_REDIS_URL)
+
+    @app.task(name=f"{app.main}.block", shared=False)
+    def block() -> None:
+        assert client.blpop([key], timeout=20) is not None  # until the test releases it
+
+    def value(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"workflow_label": label, "step": "a"}) or 0.0
+
+    baton_celery.install(app)
+    try:
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+            job = f"a-{uuid.uuid4()}"
+            with ran(job):
+                handle = Workflow(label=label).add("a", block.s().set(task_id=job)).apply_async(app)
+                deadline = time.monotonic() + 10
+                while handle.status().steps["a"].state != "executing":
+                    assert time.monotonic() < deadline, "the long step never showed as running"
+                    time.sleep(0.02)  # polling the store for the state under test
+                client.rpush(key, "go")
+        assert value("baton_step_queue_wait_seconds_count") == 1
+        assert value("baton_step_run_seconds_count") == 1
+        assert value("baton_step_run_seconds_sum") >= 0.2
+    finally:
+        client.delete(key)
+        client.close()
+        baton_celery.uninstall(app)

@@ -251,7 +251,10 @@ def test_run_is_a_begin_and_a_settle_in_one_transition(store: Store) -> None:
     assert store.results(record.id, ["a"]) == {"a": [7]}
     assert store.run(record.id, "b", 0, 0.0, "completed").decision == SKIP  # stale copy
     assert not store.run(record.id, "a", 1, 0.0, "completed").applied  # settled already
-    assert changes(store.begin(record.id, "b", 1)) == [("b", "executing", 1)]
+    latest = store.history(record.id)[-1].timestamp
+    gate = store.begin(record.id, "b", 1, 3600.0)  # the watchdog's: the body ran for long
+    assert changes(gate) == [("b", "executing", 1)]
+    assert gate.events[0].timestamp == latest  # not before the latest event
     fin = store.run(record.id, "b", 1, 0.0, "completed")  # the watchdog's begin was lost
     assert changes(fin) == [("b", "executing", 2), ("b", "completed", 2)]
     assert fin.finish is not None and fin.finish.failed_steps == ("c",)
