@@ -122,6 +122,13 @@ def test_one_transition_per_step_unless_a_receiver_here_wants_the_events(store_u
         baton_celery.uninstall(app)
 
 
+def wait_executing(handle: Any, step: str) -> None:
+    deadline = time.monotonic() + 10
+    while handle.status().steps[step].state != "executing":
+        assert time.monotonic() < deadline, f"step {step!r} never showed as running"
+        time.sleep(0.02)  # polling the store for the state under test
+
+
 def test_a_long_step_shows_as_executing_while_it_runs(store_url: str) -> None:
     """The watchdog sends the begin of a step still running after baton_running_after;
     the settle then settles alone."""
@@ -141,10 +148,7 @@ def test_a_long_step_shows_as_executing_while_it_runs(store_url: str) -> None:
             job = f"a-{uuid.uuid4()}"
             with ran(job):
                 handle = Workflow().add("a", block.s().set(task_id=job)).apply_async(app)
-                deadline = time.monotonic() + 10
-                while handle.status().steps["a"].state != "executing":
-                    assert time.monotonic() < deadline, "the long step never showed as running"
-                    time.sleep(0.02)  # polling the store for the state under test
+                wait_executing(handle, "a")
                 assert calls == ["begin"]
                 client.rpush(key, "go")
             assert calls == ["begin", "settle"]
@@ -271,10 +275,7 @@ def test_metrics_time_a_long_step_whose_begin_the_watchdog_sent() -> None:
             job = f"a-{uuid.uuid4()}"
             with ran(job):
                 handle = Workflow(label=label).add("a", block.s().set(task_id=job)).apply_async(app)
-                deadline = time.monotonic() + 10
-                while handle.status().steps["a"].state != "executing":
-                    assert time.monotonic() < deadline, "the long step never showed as running"
-                    time.sleep(0.02)  # polling the store for the state under test
+                wait_executing(handle, "a")
                 client.rpush(key, "go")
         assert value("baton_step_queue_wait_seconds_count") == 1
         assert value("baton_step_run_seconds_count") == 1
