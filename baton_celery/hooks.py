@@ -72,6 +72,12 @@ def _given_request(sender: Any, kwargs: dict[str, Any]) -> StepRef | None:
     return step_of(sender.app, kwargs.get("request"))
 
 
+def _current_run(sender: Any, kwargs: dict[str, Any]) -> StepRef | None:
+    # A fast-path run carries its step from task_prerun: its header is not read again.
+    run = getattr(sender.request, RUN_ATTR, None)
+    return run.ref if run is not None else step_of(sender.app, sender.request)
+
+
 def step_hook(where: str, find: Finder = _current_request) -> Callable[[Body], Any]:
     """Make ``body(ref, sender, kwargs)`` a Celery signal receiver that runs only for
     workflow steps, entirely under the guard."""
@@ -199,7 +205,7 @@ def _result_for_store(ref: StepRef, result: Any) -> Any:
 
 
 # task_success carries no task_id: the request is still the sender's.
-@step_hook("task_success")
+@step_hook("task_success", find=_current_run)
 def on_task_success(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
     result = kwargs.get("result")
     settle_run(
@@ -252,7 +258,7 @@ def on_task_failure(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
 # --- task_postrun (pool child): a run that ended without a settle ---------------------
 
 
-@step_hook("task_postrun")
+@step_hook("task_postrun", find=_current_run)
 def on_task_postrun(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
     # Ignore or Reject raised by the task settle nothing: the step stays executing, as
     # on the gated path (the backstop settles it if nothing else does).

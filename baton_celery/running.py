@@ -157,3 +157,5 @@ def _begin(run: Run) -> None:
     finally:
         _announcing.ref = None
         run.sending.set()
+        with guarded("releasing the watchdog's store connection", ref.workflow_id):
+            ref.runtime.store.release_thread()  # this thread lives on, idle

@@ -174,6 +174,10 @@ class Store(abc.ABC):
         steps = record.steps
         return {d: steps[d].result for d in steps[step].deps if steps[d].state == COMPLETED}
 
+    def release_thread(self) -> None:  # noqa: B027 - optional hook
+        """The calling thread is done with the store for now (the fast path's watchdog,
+        after a begin): a store with a connection per thread closes this thread's."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the store may be used again afterwards."""
 

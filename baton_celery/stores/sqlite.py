@@ -107,6 +107,15 @@ class SQLiteStore(RecordStore):
         self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
+    def release_thread(self) -> None:
+        me = threading.current_thread()
+        with self._conns_lock:
+            mine = [(t, c) for t, c in self._conns if t is me]
+            self._conns = [(t, c) for t, c in self._conns if t is not me]
+        for _, conn in mine:
+            conn.close()
+        self._local.conn = None
+
     def close(self) -> None:
         """Close this thread's connection and those of threads that have ended; another
         live thread's connection may be in use, so it stays open."""
