@@ -1,8 +1,10 @@
-"""Celery signal receivers: a step's lifecycle in, one store transition each, events out.
+"""Celery signal receivers: a step's lifecycle in, at most one store transition each,
+events out.
 
-Every receiver is a :func:`step_hook`: it finds the step the signal is about (one
-getattr on the request: tasks that are not workflow steps, Celery's own included, return
-at once), applies one atomic store transition, and hands the result to
+Every receiver is a :func:`step_hook`: it finds the step the signal is about (a getattr
+or two on the request: tasks that are not workflow steps, Celery's own included, return
+at once), applies one atomic store transition (none in task_prerun on the fast path,
+where the step's begin travels with its settle), and hands the result to
 :func:`~baton_celery.announce.announce`. The decorator runs all of it under the guard: a
 failure of baton or of its store is logged (rate-limited) and never reaches the task.
 """
