@@ -76,8 +76,9 @@ def _given_request(sender: Any, kwargs: dict[str, Any]) -> StepRef | None:
 
 def _current_run(sender: Any, kwargs: dict[str, Any]) -> StepRef | None:
     # A fast-path run carries its step from task_prerun: its header is not read again.
-    run = getattr(sender.request, RUN_ATTR, None)
-    return run.ref if run is not None else step_of(sender.app, sender.request)
+    request = sender.request
+    run = getattr(request, RUN_ATTR, None)
+    return run.ref if run is not None else step_of(sender.app, request)
 
 
 def step_hook(where: str, find: Finder = _current_request) -> Callable[[Body], Any]:
@@ -153,8 +154,10 @@ def _gate_known(ref: StepRef, request: Any) -> bool:
 
 
 def begin_unsent(ref: StepRef, request: Any) -> None:
-    """Before a transition that needs the step executing (a retry; a run that ended
-    without a settle): send the begin of a fast-path run, if not sent yet."""
+    """Before a transition that needs the step executing (a retry): send the begin of a
+    fast-path run, if not sent yet. (A run that ends without a settle, by Ignore or
+    Reject, is left to the watchdog: its begin is sent after ``baton_running_after``,
+    and the step stays executing, as on the gated path.)"""
     run = getattr(request, RUN_ATTR, None)
     if run is None:
         return
@@ -257,16 +260,6 @@ def on_task_failure(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
     settle_run(ref, sender.request if ran_here else None, DISCARDED, error=error)
 
 
-# --- task_postrun (pool child): a run that ended without a settle ---------------------
-
-
-@step_hook("task_postrun", find=_current_run)
-def on_task_postrun(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
-    # Ignore or Reject raised by the task settle nothing: the step stays executing, as
-    # on the gated path (the backstop settles it if nothing else does).
-    begin_unsent(ref, sender.request)
-
-
 # --- task_revoked (always the main process) ------------------------------------------
 
 
@@ -322,7 +315,6 @@ def _is_prefork(pool: Any) -> bool:
 RECEIVERS: list[tuple[str, Callable[..., None]]] = [
     ("task_prerun", on_task_prerun),
     ("task_success", on_task_success),
-    ("task_postrun", on_task_postrun),
     ("task_retry", on_task_retry),
     ("task_failure", on_task_failure),
     ("task_revoked", on_task_revoked),

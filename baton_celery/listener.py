@@ -228,6 +228,7 @@ class Listener:
                     break
                 if self.connections > connections:  # it was up: a new outage starts
                     backoff = RECONNECT_FIRST
+                    self._outage_from(self._alive)
                 self.reconnects += 1
                 self._connection_lost(CONNECTION_LOST, exc, backoff)
                 # A bounded back-off that a stop() interrupts at once.
@@ -241,10 +242,18 @@ class Listener:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def _outage_from(self, alive: float) -> None:
+        """The connection was lost, last seen alive at ``alive``: once connected again,
+        read what was made since then. (Taken now: the message that proves the next
+        connection live moves ``_alive`` before ``on_ready``.)"""
+        since = alive - REPLAY_MARGIN
+        if self._replay_from is None or since < self._replay_from:
+            self._replay_from = since
+
     def on_ready(self) -> None:
         """The feed is subscribed: replay what was missed, then go live."""
         if self.connections:  # a reconnection: read what was made while away
-            self._replay_from = self._alive - REPLAY_MARGIN
+            self._outage_from(self._alive)
         self._replay()
         with self._changed:
             self.connections += 1

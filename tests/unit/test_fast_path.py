@@ -284,3 +284,29 @@ def test_metrics_time_a_long_step_whose_begin_the_watchdog_sent() -> None:
         client.delete(key)
         client.close()
         baton_celery.uninstall(app)
+
+
+def test_a_run_ended_without_a_settle_is_left_executing(store_url: str) -> None:
+    """A task that raises Ignore settles nothing: as on the gated path, the step is left
+    executing (for the backstop), its begin sent by the watchdog."""
+    from celery.exceptions import Ignore
+
+    app = make_app(store_url, baton_running_after=0.1)
+
+    @app.task(name=f"{app.main}.ignore", shared=False)
+    def ignore() -> None:
+        raise Ignore()
+
+    store = baton_celery.install(app).store
+    calls: list[str] = []
+    spy(store, calls)
+    try:
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+            job = f"a-{uuid.uuid4()}"
+            with ran(job):
+                handle = Workflow().add("a", ignore.s().set(task_id=job)).apply_async(app)
+            wait_executing(handle, "a")
+        assert calls == ["begin"]
+        assert [(e.state, e.attempt) for e in handle.events()] == [("executing", 1)]
+    finally:
+        baton_celery.uninstall(app)
