@@ -21,9 +21,8 @@ from .announce import announce
 from .events import CANCELLED, COMPLETED, DISCARDED
 from .guard import log_failure
 from .identity import identity_of
-from .running import RAN_ANYWAY, StepRef
+from .running import StepRef
 from .runtime import runtime_for
-from .stores.records import RUN
 
 __all__ = ["RECEIVERS", "StepRef", "begin_unsent", "settle_run", "step_hook"]
 
@@ -153,19 +152,26 @@ def _gate_known(ref: StepRef, request: Any) -> bool:
     )
 
 
+def _unbegun(request: Any) -> running.Run | None:
+    """Take a fast-path run off its request: the run, when its begin is still to be sent
+    (by the caller's transition), else None (not a fast-path run, or the watchdog sent
+    it)."""
+    run = getattr(request, RUN_ATTR, None) if request is not None else None
+    if run is None:
+        return None
+    setattr(request, RUN_ATTR, None)
+    return run if running.close(run) else None
+
+
 def begin_unsent(ref: StepRef, request: Any) -> None:
     """Before a transition that needs the step executing (a retry): send the begin of a
     fast-path run, if not sent yet. (A run that ends without a settle, by Ignore or
     Reject, is left to the watchdog: its begin is sent after ``baton_running_after``,
     and the step stays executing, as on the gated path.)"""
-    run = getattr(request, RUN_ATTR, None)
-    if run is None:
-        return
-    setattr(request, RUN_ATTR, None)
-    if running.close(run):
+    run = _unbegun(request)
+    if run is not None:
         out = ref.runtime.store.begin(ref.workflow_id, ref.step, ref.dispatch, run.ran_for())
-        if out.decision != RUN:
-            logger.warning(RAN_ANYWAY, ref.step, ref.workflow_id, out.decision)
+        running.check_gate(ref, out)
         announce(ref.runtime, out)
 
 
@@ -181,14 +187,11 @@ def settle_run(
     """Settle the step a request ran: with its begin (one transition) when it ran on the
     fast path and the watchdog did not send the begin; the events it made, announced."""
     store = ref.runtime.store
-    run = getattr(request, RUN_ATTR, None) if request is not None else None
+    run = _unbegun(request)
     if run is not None:
-        setattr(request, RUN_ATTR, None)
-    if run is not None and running.close(run):
         out = store.run(ref.workflow_id, ref.step, ref.dispatch, run.ran_for(), state,
                         has_result=has_result, result=result, error=error)  # fmt: skip
-        if out.decision != RUN:
-            logger.warning(RAN_ANYWAY, ref.step, ref.workflow_id, out.decision)
+        running.check_gate(ref, out)
     else:
         out = store.settle(ref.workflow_id, ref.step, state, has_result=has_result,
                            result=result, error=error)  # fmt: skip

@@ -21,8 +21,9 @@ from .announce import announce
 from .guard import guarded
 from .runtime import Runtime
 from .stores.records import RUN
+from .stores.transition import Transition
 
-__all__ = ["RAN_ANYWAY", "Run", "StepRef", "announcing", "close", "start"]
+__all__ = ["RAN_ANYWAY", "Run", "StepRef", "announcing", "check_gate", "close", "start"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,12 @@ def announcing(workflow_id: str, step: str) -> StepRef | None:
     task request is current: instrumentation finds the step's publication time here)."""
     ref: StepRef | None = getattr(_announcing, "ref", None)
     return ref if ref is not None and (ref.workflow_id, ref.step) == (workflow_id, step) else None
+
+
+def check_gate(ref: StepRef, out: Transition) -> None:
+    """A fast-path step's body ran: warn when the gate, asked late, would have said no."""
+    if out.decision != RUN:
+        logger.warning(RAN_ANYWAY, ref.step, ref.workflow_id, out.decision)
 
 
 def _forget_after_fork() -> None:
@@ -150,8 +157,7 @@ def _begin(run: Run) -> None:
         with guarded("sending a long step's begin", ref.workflow_id):
             out = ref.runtime.store.begin(ref.workflow_id, ref.step, ref.dispatch, run.ran_for())
             run.begun = True
-            if out.decision != RUN:
-                logger.warning(RAN_ANYWAY, ref.step, ref.workflow_id, out.decision)
+            check_gate(ref, out)
             _announcing.ref = ref
             announce(ref.runtime, out)
     finally:

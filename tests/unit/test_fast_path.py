@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import redis
@@ -122,6 +122,21 @@ def test_one_transition_per_step_unless_a_receiver_here_wants_the_events(store_u
         baton_celery.uninstall(app)
 
 
+def blocking_task(app: Celery) -> tuple[Any, Callable[[], None], redis.Redis]:
+    """A task that runs until ``release()`` is called; the Redis client it waits on."""
+    key = f"{unique_prefix()}:release"
+    client = redis.Redis.from_url(SHARED_REDIS_URL)
+
+    @app.task(name=f"{app.main}.block", shared=False)
+    def block() -> None:
+        assert client.blpop([key], timeout=20) is not None  # until the test releases it
+
+    def release() -> None:
+        client.rpush(key, "go")
+
+    return block, release, client
+
+
 def wait_executing(handle: Any, step: str) -> None:
     deadline = time.monotonic() + 10
     while handle.status().steps[step].state != "executing":
@@ -133,12 +148,7 @@ def test_a_long_step_shows_as_executing_while_it_runs(store_url: str) -> None:
     """The watchdog sends the begin of a step still running after baton_running_after;
     the settle then settles alone."""
     app = make_app(store_url, baton_running_after=0.2)
-    key = f"{unique_prefix()}:release"
-    client = redis.Redis.from_url(SHARED_REDIS_URL)
-
-    @app.task(name=f"{app.main}.block", shared=False)
-    def block() -> None:
-        assert client.blpop([key], timeout=20) is not None  # until the test releases it
+    block, release, client = blocking_task(app)
 
     store = baton_celery.install(app).store
     calls: list[str] = []
@@ -150,7 +160,7 @@ def test_a_long_step_shows_as_executing_while_it_runs(store_url: str) -> None:
                 handle = Workflow().add("a", block.s().set(task_id=job)).apply_async(app)
                 wait_executing(handle, "a")
                 assert calls == ["begin"]
-                client.rpush(key, "go")
+                release()
             assert calls == ["begin", "settle"]
             events = handle.events()
             assert [(e.state, e.attempt) for e in events[:-1]] == [
@@ -158,7 +168,6 @@ def test_a_long_step_shows_as_executing_while_it_runs(store_url: str) -> None:
             ]  # fmt: skip
             assert events[-1].outcome == "completed"
     finally:
-        client.delete(key)
         client.close()
         baton_celery.uninstall(app)
 
@@ -259,12 +268,7 @@ def test_metrics_time_a_long_step_whose_begin_the_watchdog_sent() -> None:
 
     label = f"long-{uuid.uuid4().hex[:8]}"
     app = make_app(shared_redis_url(unique_prefix()), baton_running_after=0.2, baton_metrics=True)
-    key = f"{unique_prefix()}:release"
-    client = redis.Redis.from_url(SHARED_REDIS_URL)
-
-    @app.task(name=f"{app.main}.block", shared=False)
-    def block() -> None:
-        assert client.blpop([key], timeout=20) is not None  # until the test releases it
+    block, release, client = blocking_task(app)
 
     def value(name: str) -> float:
         return REGISTRY.get_sample_value(name, {"workflow_label": label, "step": "a"}) or 0.0
@@ -276,12 +280,11 @@ def test_metrics_time_a_long_step_whose_begin_the_watchdog_sent() -> None:
             with ran(job):
                 handle = Workflow(label=label).add("a", block.s().set(task_id=job)).apply_async(app)
                 wait_executing(handle, "a")
-                client.rpush(key, "go")
+                release()
         assert value("baton_step_queue_wait_seconds_count") == 1
         assert value("baton_step_run_seconds_count") == 1
         assert value("baton_step_run_seconds_sum") >= 0.2
     finally:
-        client.delete(key)
         client.close()
         baton_celery.uninstall(app)
 
