@@ -28,7 +28,7 @@ from .stores.transition import Released, Transition
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-__all__ = ["announce", "publish_or_discard"]
+__all__ = ["announce", "publish_or_discard", "wanted"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _deliver(runtime: Runtime, event: Event) -> None:
     bridge.publish(runtime, event)
 
 
-def _wanted(runtime: Runtime, workflow_id: str) -> bool:
+def wanted(runtime: Runtime, workflow_id: str) -> bool:
     """Whether anything in this process takes the workflow's events: a receiver, this
     process's listener, the broker bridge. (The store kept them, and published them when
     it is the bridge, whatever this says.)"""
@@ -57,8 +57,7 @@ def _wanted(runtime: Runtime, workflow_id: str) -> bool:
 def announce(runtime: Runtime, out: Transition) -> None:
     """Deliver every event a committed transition made (none when it changed nothing,
     or when nothing here takes them), and publish the steps it released."""
-    wanted = bool(out.events) and _wanted(runtime, out.workflow_id)
-    events = list(out.events) if wanted else []
+    events = list(out.events) if out.events and wanted(runtime, out.workflow_id) else []
     finish = out.finish
     for event in events:
         if not isinstance(event, WorkflowFinished):

@@ -34,7 +34,7 @@ def publish_step(app: Any, workflow_id: str, label: str | None, step: Released) 
     if incoming is not None:
         signature = signature.clone(args=(_input(app, workflow_id, incoming),))
     headers = dict(signature.options.get("headers") or {})
-    ident = StepIdentity(workflow_id, label, step.name, step.dispatch, time.time())
+    ident = StepIdentity(workflow_id, label, step.name, step.dispatch, time.time(), step.leaf)
     headers[HEADER] = ident.header()
     signature.apply_async(task_id=step.job_id, headers=headers)
 

@@ -17,12 +17,13 @@ import time
 from typing import Any, Callable
 
 from . import pubsub, revokes, running
-from .announce import announce
+from .announce import announce, wanted
 from .events import CANCELLED, COMPLETED, DISCARDED
-from .guard import log_failure
+from .guard import guarded, log_failure
 from .identity import identity_of
 from .running import StepRef
 from .runtime import runtime_for
+from .stores.transition import Transition
 
 __all__ = ["RECEIVERS", "StepRef", "begin_unsent", "settle_run", "step_hook"]
 
@@ -58,7 +59,9 @@ def step_of(app: Any, request: Any) -> StepRef | None:
     runtime = runtime_for(app)
     if runtime is None:
         return None
-    return StepRef(runtime, ident.workflow_id, ident.step, ident.dispatch, ident.published_at)
+    return StepRef(
+        runtime, ident.workflow_id, ident.step, ident.dispatch, ident.published_at, ident.leaf
+    )
 
 
 Finder = Callable[[Any, dict[str, Any]], "StepRef | None"]
@@ -185,9 +188,21 @@ def settle_run(
     error: str | None = None,
 ) -> None:
     """Settle the step a request ran: with its begin (one transition) when it ran on the
-    fast path and the watchdog did not send the begin; the events it made, announced."""
-    store = ref.runtime.store
+    fast path and the watchdog did not send the begin; the events it made, announced.
+
+    A fast-path step that no step depends on, whose events nobody in this process takes,
+    has nothing to act on in the reply: it is sent without waiting for it (the task's
+    result goes back to the worker at once; the reply is read later, see
+    ``Store.run_unanswered``)."""
+    runtime = ref.runtime
+    store = runtime.store
     run = _unbegun(request)
+    if run is not None and ref.leaf and not wanted(runtime, ref.workflow_id):
+        store.run_unanswered(_answered(ref), ref.workflow_id, ref.step, ref.dispatch,
+                             run.ran_for(), state, has_result=has_result, result=result,
+                             error=error)  # fmt: skip
+        running.collect_later(store)
+        return
     if run is not None:
         out = store.run(ref.workflow_id, ref.step, ref.dispatch, run.ran_for(), state,
                         has_result=has_result, result=result, error=error)  # fmt: skip
@@ -195,7 +210,18 @@ def settle_run(
     else:
         out = store.settle(ref.workflow_id, ref.step, state, has_result=has_result,
                            result=result, error=error)  # fmt: skip
-    announce(ref.runtime, out)
+    announce(runtime, out)
+
+
+def _answered(ref: StepRef) -> Callable[[Transition], None]:
+    """What to do with the reply of a run sent without waiting, when it is read."""
+
+    def answered(out: Transition) -> None:
+        with guarded("a step's settle, read late", ref.workflow_id):
+            running.check_gate(ref, out)
+            announce(ref.runtime, out)
+
+    return answered
 
 
 # --- task_success / task_retry / task_failure (pool child) ---------------------------
@@ -295,6 +321,16 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         log_failure("worker_init hook", exc)
 
 
+# --- worker_process_shutdown (a pool process), worker_shutdown (the main process) ------
+
+
+def on_process_exit(sender: Any = None, **_: Any) -> None:
+    """Read the replies of the settles sent without waiting before the process ends (a
+    reply lost with its connection has its settle sent again: see
+    ``Store.run_unanswered``)."""
+    running.collect()
+
+
 # Celery's own pool aliases that run a prefork pool (celery.concurrency.ALIASES).
 PREFORK_ALIASES = frozenset({"prefork", "processes"})
 
@@ -322,4 +358,6 @@ RECEIVERS: list[tuple[str, Callable[..., None]]] = [
     ("task_failure", on_task_failure),
     ("task_revoked", on_task_revoked),
     ("worker_init", on_worker_init),
+    ("worker_process_shutdown", on_process_exit),
+    ("worker_shutdown", on_process_exit),
 ]

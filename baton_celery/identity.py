@@ -24,6 +24,8 @@ class StepIdentity(NamedTuple):
     # When baton published this message (Unix time): for queue-wait metrics. Celery's
     # retries keep the header, so it is the time of the step's publication, not a retry's.
     published_at: float | None = None
+    # No step depends on it: its settle needs no reply (see hooks.settle_run).
+    leaf: bool = False
 
     def header(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -34,6 +36,8 @@ class StepIdentity(NamedTuple):
         }
         if self.published_at is not None:
             data["published_at"] = self.published_at
+        if self.leaf:
+            data["leaf"] = True
         return data
 
 
@@ -60,6 +64,7 @@ def identity_of(request: Any) -> StepIdentity | None:
             raw["step"],
             raw.get("dispatch", 0),
             published,
+            raw.get("leaf") is True,
         )
         valid = (
             isinstance(ident.workflow_id, str)

@@ -1,5 +1,6 @@
 """Steps running on the fast path whose begin has not reached the store yet, and the
-watchdog that sends the begin of a long one.
+watchdog that sends the begin of a long one (and reads the replies of the settles sent
+without waiting: see :func:`collect_later`).
 
 On the fast path (see ``hooks.on_task_prerun``) a step's body starts without asking the
 store's gate; its begin then travels with its settle, one transition (``Store.run``).
@@ -15,15 +16,27 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import NamedTuple
 
 from .announce import announce
 from .guard import guarded
 from .runtime import Runtime
+from .stores.base import Store
 from .stores.records import RUN
 from .stores.transition import Transition
 
-__all__ = ["RAN_ANYWAY", "Run", "StepRef", "announcing", "check_gate", "close", "start"]
+__all__ = [
+    "RAN_ANYWAY",
+    "Run",
+    "StepRef",
+    "announcing",
+    "check_gate",
+    "close",
+    "collect",
+    "collect_later",
+    "start",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +56,7 @@ class StepRef(NamedTuple):
     step: str
     dispatch: int
     published_at: float | None = None  # when baton published the message (its header)
+    leaf: bool = False  # no step depends on it (its header)
 
 
 class Run:
@@ -67,6 +81,8 @@ _CLOSED.set()
 
 _lock = threading.Lock()
 _open: dict[int, Run] = {}
+# The stores that sent settles without waiting for their replies (Store.run_unanswered).
+_unanswered: weakref.WeakSet[Store] = weakref.WeakSet()
 _watchdog: tuple[int, threading.Thread] | None = None  # (its process id, the thread)
 
 
@@ -90,8 +106,8 @@ def check_gate(ref: StepRef, out: Transition) -> None:
 def _forget_after_fork() -> None:
     # A forked child inherits neither the watchdog thread nor the parent's runs; a lock
     # the parent's watchdog held at the fork would stay held.
-    global _lock, _open
-    _lock, _open = threading.Lock(), {}
+    global _lock, _open, _unanswered
+    _lock, _open, _unanswered = threading.Lock(), {}, weakref.WeakSet()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -121,6 +137,23 @@ def close(run: Run) -> bool:
     return not run.begun
 
 
+def collect_later(store: Store) -> None:
+    """``store`` sent a settle without waiting for its reply: the watchdog reads it at
+    its next tick, if nothing read it before (the store's next such send does)."""
+    if store not in _unanswered:
+        with _lock:
+            _unanswered.add(store)
+
+
+def collect() -> None:
+    """Read every reply still waiting (the watchdog's tick; a process on its way out)."""
+    with _lock:
+        stores = list(_unanswered)
+    for store in stores:
+        with guarded("reading the replies of settles sent without waiting"):
+            store.collect()
+
+
 def _spawn() -> None:
     global _watchdog
     with _lock:
@@ -134,6 +167,7 @@ def _spawn() -> None:
 def _watch() -> None:
     while True:
         time.sleep(TICK)
+        collect()
         now = time.monotonic()
         with _lock:
             due = [

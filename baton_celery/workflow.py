@@ -147,9 +147,11 @@ class Workflow:
                 step.dispatch = 1
         runtime.store.create(record)
         pubsub.send_workflow_created(app, record.id, record.label)
+        parents = record.depended_on()
         for step in record.steps.values():
             if step.dispatch:
-                publish_or_discard(runtime, record.id, record.label, step.released())
+                released = step.released(step.name not in parents)
+                publish_or_discard(runtime, record.id, record.label, released)
         return WorkflowHandle(record.id, app, label=record.label)
 
 

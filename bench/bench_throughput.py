@@ -69,12 +69,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU of a process and its children (the worker's pool) so far."""
+def cpu_parts(worker: int, server: int) -> tuple[float, float, float]:
+    """CPU so far of the worker's main process, of its pool (its children), and of the
+    redis-server."""
     children = subprocess.run(
-        ["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False
+        ["pgrep", "-P", str(worker)], capture_output=True, text=True, check=False
     ).stdout.split()
-    return cpu_seconds(pid) + sum(cpu_seconds(int(c)) for c in children)
+    pool = sum(cpu_seconds(int(c)) for c in children)
+    return cpu_seconds(worker), pool, cpu_seconds(server)
 
 
 class Worker:
@@ -184,8 +186,9 @@ def finished(broker: redis.Redis, signals_db: redis.Redis, queue: str, shape: st
 
 def throughput(
     port: int, store: str, scenario: str, workflows: int, width: int
-) -> tuple[float, float]:
-    """tasks/s, and CPU microseconds per task (worker and redis-server)."""
+) -> tuple[float, tuple[float, float, float]]:
+    """tasks/s, and CPU microseconds per task: the worker's main process, its pool, the
+    redis-server."""
     import baton_celery
 
     mode, shape = SCENARIOS[scenario]
@@ -203,13 +206,13 @@ def throughput(
         baton_celery.subscribe_all(count)
     broker = redis.Redis(port=port, db=0)
     server = int(broker.info("server")["process_id"])
-    cpu = tree_cpu(worker.process.pid) + cpu_seconds(server)
+    before = cpu_parts(worker.process.pid, server)
     try:
         started = worker.consume(app)
         while not finished(broker, worker.db, queue, shape, workflows):
             time.sleep(0.02)  # polling the queue: 20 ms keeps the poll off the CPU
         elapsed = time.time() - started
-        cpu = tree_cpu(worker.process.pid) + cpu_seconds(server) - cpu
+        after = cpu_parts(worker.process.pid, server)
     finally:
         worker.stop()
         if listener is not None:
@@ -228,7 +231,8 @@ def throughput(
             assert len(events) == workflows * (2 * width + 1), len(events)
         baton_celery.uninstall(app)
     tasks = workflows * width
-    return tasks / elapsed, cpu / tasks * 1e6
+    parts = tuple((a - b) / tasks * 1e6 for a, b in zip(after, before))
+    return tasks / elapsed, parts  # type: ignore[return-value]
 
 
 def one_sequence(port: int, store: str, steps: int, reps: int) -> tuple[list[float], list[float]]:
@@ -287,11 +291,13 @@ def main(argv: list[str] | None = None) -> None:
         for round_ in range(args.rounds):  # interleaved, so drifts hit every scenario
             order = args.only[round_ % len(args.only) :] + args.only[: round_ % len(args.only)]
             for scenario in order:
-                rate, cost = throughput(port, store, scenario, args.workflows, args.width)
+                rate, parts = throughput(port, store, scenario, args.workflows, args.width)
                 rates[scenario].append(rate)
-                costs[scenario].append(cost)
+                costs[scenario].append(sum(parts))
+                main_, pool, server = parts
                 print(f"  round {round_ + 1}: {scenario:22s} {rate:7.0f} tasks/s"
-                      f" {cost:7.0f} us CPU/task", flush=True)  # fmt: skip
+                      f" {sum(parts):7.0f} us CPU/task (main {main_:.0f}, pool {pool:.0f},"
+                      f" redis {server:.0f})", flush=True)  # fmt: skip
         flows, chains = one_sequence(port, store, args.width, args.seq_reps)
     print(f"\nThroughput, {args.store} store: {n} no-op tasks ({args.workflows} x "
           f"{args.width}), prefork -c 2, Redis broker, median of {args.rounds} rounds")  # fmt: skip

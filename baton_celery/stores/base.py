@@ -174,6 +174,31 @@ class Store(abc.ABC):
         steps = record.steps
         return {d: steps[d].result for d in steps[step].deps if steps[d].state == COMPLETED}
 
+    def run_unanswered(
+        self,
+        answered: Callable[[Transition], None],
+        workflow_id: str,
+        step: str,
+        dispatch: int,
+        ran_for: float,
+        state: str,
+        *,
+        has_result: bool = False,
+        result: Any = None,
+        error: str | None = None,
+    ) -> None:
+        """:meth:`run`, for a caller that needs nothing from the reply at once (a step no
+        other step depends on, whose events nobody in this process takes): a store may
+        send it without waiting for its reply, and hand the reply to ``answered`` later,
+        when it reads it (before its next such call, or in :meth:`collect`, from
+        whichever thread calls that). This one runs it now."""
+        answered(self.run(workflow_id, step, dispatch, ran_for, state,
+                          has_result=has_result, result=result, error=error))  # fmt: skip
+
+    def collect(self) -> None:  # noqa: B027 - optional hook
+        """Read the replies of the transitions :meth:`run_unanswered` sent, if any, and
+        hand them on (waits no longer than the store's timeout for each)."""
+
     def release_thread(self) -> None:  # noqa: B027 - optional hook
         """The calling thread is done with the store for now (the fast path's watchdog,
         after a begin): a store with a connection per thread closes this thread's."""

@@ -90,9 +90,9 @@ class StepRecord:
     def settled(self) -> bool:
         return self.state in TERMINAL
 
-    def released(self) -> Released:
-        """What publishing this step takes."""
-        return Released(self.name, self.job_id, self.signature, self.dispatch)
+    def released(self, leaf: bool) -> Released:
+        """What publishing this step takes (``leaf``: no step depends on it)."""
+        return Released(self.name, self.job_id, self.signature, self.dispatch, leaf)
 
     def tolerates(self, dep: StepRecord) -> bool:
         """Whether this step may run after ``dep`` ended as it did."""
@@ -151,6 +151,10 @@ class WorkflowRecord:
 
     def dependents(self, name: str) -> Iterator[StepRecord]:
         return (s for s in self.steps.values() if name in s.deps)
+
+    def depended_on(self) -> set[str]:
+        """The names of the steps some step depends on (the others are leaves)."""
+        return {d for s in self.steps.values() for d in s.deps}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -250,7 +254,7 @@ def _propagate(record: WorkflowRecord, settled: StepRecord, out: Transition) -> 
             else:
                 child.dispatch += 1
                 child.updated_at = record.updated_at
-                out.released.append(child.released())
+                out.released.append(child.released(not any(record.dependents(child.name))))
                 continue
             _emit(record, out, child, CANCELLED)
             stack.append(child)

@@ -9,12 +9,12 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Callable
 
 from ..events import Event
 from ..process import process_token
 from .base import Store, StoreError, UnknownWorkflow
-from .records import TERMINAL, WorkflowRecord
+from .records import RUN, TERMINAL, WorkflowRecord
 from .redis_clients import client_from_url, is_cluster, with_timeout
 from .redis_index import RedisIndex
 from .redis_scripts import (
@@ -27,6 +27,7 @@ from .redis_scripts import (
     flag,
     text,
 )
+from .redis_unanswered import Answer, Sent, Unanswered
 from .transition import Transition
 
 __all__ = ["RedisStore"]
@@ -34,6 +35,10 @@ __all__ = ["RedisStore"]
 logger = logging.getLogger(__name__)
 
 SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+UNANSWERED_FAILED = (
+    "baton_celery: the settle of step %r (workflow %s), sent without waiting for its "
+    "reply, failed (%s); the backstop will settle the step"
+)
 CLEANUP_FAILED = (
     "baton_celery: workflow %s finished, but its index entries could not be updated "
     "(%s); the backstop sweep will retry"
@@ -111,6 +116,7 @@ class RedisStore(RedisIndex, Store):
         self._owns_client = owns_client
         self.cluster = is_cluster(client)
         self._loaded: set[str] = set()  # the scripts this store's client has run once
+        self._unanswered = Unanswered(client.connection_pool) if not self.cluster else None
         # The transitions publish their events on ``channel`` once it is set to this.
         self.feed_channel = f"{key_prefix}:events"
 
@@ -128,6 +134,9 @@ class RedisStore(RedisIndex, Store):
     def close(self) -> None:
         """Disconnect the idle connections of a client this store made (not one passed
         in). Connections other threads are using stay open; the store remains usable."""
+        self.collect()
+        if self._unanswered is not None:
+            self._unanswered.disconnect()
         if not self._owns_client:
             return
         for pool in self._pools():
@@ -160,18 +169,21 @@ class RedisStore(RedisIndex, Store):
         except self._errors() as exc:
             raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
 
+    def _prelude_args(self, workflow_id: str) -> tuple[Any, ...]:
+        """The arguments every transition script takes first (see ``prelude.lua``)."""
+        glob = "" if self.cluster else self._global("")
+        token = process_token() if self.channel else ""
+        return glob, workflow_id, self._retention_ms(), self.channel, token
+
     def _transition(
         self, script: str, workflow_id: str, step: str | None, *args: Any
     ) -> Transition:
         """Run a transition script; its reply as a Transition (index kept on a cluster)."""
-        glob = "" if self.cluster else self._global("")
-        reply = self._checked(
-            self._run(script, workflow_id, glob, workflow_id, self._retention_ms(),
-                      self.channel, process_token() if self.channel else "", *args),
-            workflow_id,
-            step,
-        )  # fmt: skip
-        out, jobs = decode_transition(workflow_id, reply)
+        reply = self._run(script, workflow_id, *self._prelude_args(workflow_id), *args)
+        return self._decoded(workflow_id, step, reply)
+
+    def _decoded(self, workflow_id: str, step: str | None, reply: Any) -> Transition:
+        out, jobs = decode_transition(workflow_id, self._checked(reply, workflow_id, step))
         if out.finish is not None and self.cluster:
             try:
                 self._index_finish(workflow_id, out.finish.finished_at, jobs)
@@ -232,13 +244,63 @@ class RedisStore(RedisIndex, Store):
         result: Any = None,
         error: str | None = None,
     ) -> Transition:
-        if state not in TERMINAL:
-            raise ValueError(f"not a terminal state: {state!r}")
-        encoded = "" if result is None else json.dumps(result)
-        args = (step, state, flag(has_result), flag(result is not None), encoded,
-                flag(error is not None), error or "", dispatch,
-                repr(max(0.0, ran_for)))  # fmt: skip
+        args = _run_args(step, dispatch, ran_for, state, has_result, result, error)
         return self._transition("run", workflow_id, step, *args)
+
+    def run_unanswered(
+        self,
+        answered: Callable[[Transition], None],
+        workflow_id: str,
+        step: str,
+        dispatch: int,
+        ran_for: float,
+        state: str,
+        *,
+        has_result: bool = False,
+        result: Any = None,
+        error: str | None = None,
+    ) -> None:
+        args = _run_args(step, dispatch, ran_for, state, has_result, result, error)
+        script = SCRIPTS["run"]
+        # Not on a cluster (a client routes by key, and updates the index on a finish),
+        # nor before the script ran once here (EVAL loads it: EVALSHA may then be sent).
+        if self._unanswered is None or script.name not in self._loaded:
+            answered(self._transition("run", workflow_id, step, *args))
+            return
+        base = self._base(workflow_id)
+        command = ("EVALSHA", script.sha, 1, base + "m", base,
+                   *self._prelude_args(workflow_id), *args)  # fmt: skip
+        went, answers = self._unanswered.send(command, Sent(workflow_id, step, args, answered))
+        self._answer(answers)
+        if not went:
+            answered(self._transition("run", workflow_id, step, *args))
+
+    def collect(self) -> None:
+        if self._unanswered is not None:
+            self._answer(self._unanswered.collect())
+
+    def _answer(self, answers: list[Answer]) -> None:
+        """Hand on each reply of a transition sent without waiting. One that was lost, or
+        refused because Redis lost the script (restarted), is sent again the usual way;
+        when the first had applied, the second changes nothing and is not handed on.
+        Never raises: a failure is logged, and the backstop settles that step."""
+        import redis
+
+        for sent, reply in answers:
+            try:
+                if isinstance(reply, redis.ResponseError) and not isinstance(
+                    reply, redis.exceptions.NoScriptError
+                ):
+                    raise StoreError(f"redis store: {type(reply).__name__}: {reply}")
+                if isinstance(reply, Exception):
+                    out = self._transition("run", sent.workflow_id, sent.step, *sent.args)
+                    if not out.applied and out.decision != RUN:
+                        continue  # the first had applied (or a cancel came first: no matter)
+                else:
+                    out = self._decoded(sent.workflow_id, sent.step, reply)
+                sent.answered(out)
+            except Exception as exc:
+                logger.warning(UNANSWERED_FAILED, sent.step, sent.workflow_id, exc)
 
     def retrying(self, workflow_id: str, step: str, error: str | None) -> Transition:
         args = (step, flag(error is not None), error or "")
@@ -343,3 +405,20 @@ class RedisStore(RedisIndex, Store):
             raise UnknownWorkflow(workflow_id)
         found = zip(wanted, values[0]) if values else ()
         return {k: text(v) for k, v in found if v is not None}
+
+
+def _run_args(
+    step: str,
+    dispatch: int,
+    ran_for: float,
+    state: str,
+    has_result: bool,
+    result: Any,
+    error: str | None,
+) -> tuple[Any, ...]:
+    """``run.lua``'s own arguments."""
+    if state not in TERMINAL:
+        raise ValueError(f"not a terminal state: {state!r}")
+    encoded = "" if result is None else json.dumps(result)
+    return (step, state, flag(has_result), flag(result is not None), encoded,
+            flag(error is not None), error or "", dispatch, repr(max(0.0, ran_for)))  # fmt: skip

@@ -229,8 +229,8 @@ def decode_transition(workflow_id: str, raw: Sequence[Any]) -> tuple[Transition,
         dispatch=int(dispatch),
         events=Encoded(workflow_id, label, events),
         released=[
-            Released(text(name), text(job), json.loads(sig), int(disp))
-            for name, job, sig, disp in released
+            Released(text(name), text(job), json.loads(sig), int(disp), text(kids) == "0")
+            for name, job, sig, disp, kids in released
         ],
         revoke=[text(job) for job in revoke],
     )

@@ -19,6 +19,7 @@ class Released(NamedTuple):
     job_id: str
     signature: dict[str, Any]
     dispatch: int  # its publication number, carried by its message
+    leaf: bool = False  # no step depends on it: its settle releases nothing
 
 
 @dataclasses.dataclass(frozen=True)

@@ -246,7 +246,7 @@ def test_run_is_a_begin_and_a_settle_in_one_transition(store: Store) -> None:
     out = store.run(record.id, "a", 1, 3600.0, "completed", has_result=True, result=[7])
     assert changes(out) == [("a", "executing", 1), ("a", "completed", 1)]
     assert out.events[0].timestamp == discarded.timestamp  # not before the latest event
-    assert [s.name for s in out.released] == ["b"]
+    assert [(s.name, s.leaf) for s in out.released] == [("b", True)]
     assert store.history(record.id)[-2:] == list(out.events)
     assert store.results(record.id, ["a"]) == {"a": [7]}
     assert store.run(record.id, "b", 0, 0.0, "completed").decision == SKIP  # stale copy
@@ -259,6 +259,35 @@ def test_run_is_a_begin_and_a_settle_in_one_transition(store: Store) -> None:
     assert changes(fin) == [("b", "executing", 2), ("b", "completed", 2)]
     assert fin.finish is not None and fin.finish.failed_steps == ("c",)
     assert [e.seq for e in store.history(record.id)] == list(range(1, 9))
+
+
+def test_a_released_step_says_whether_a_step_depends_on_it(store: Store) -> None:
+    """``Released.leaf`` (its message's header): a leaf's settle needs no reply."""
+    record = make_record(("a", ()), ("b", ("a",)), ("c", ("b",)), ("d", ("a",)))
+    store.create(record)
+    out = store.run(record.id, "a", 1, 0.0, "completed")
+    assert sorted((s.name, s.leaf) for s in out.released) == [("b", False), ("d", True)]
+    out = store.run(record.id, "b", 1, 0.0, "completed")
+    assert [(s.name, s.leaf) for s in out.released] == [("c", True)]
+
+
+def test_run_unanswered_hands_its_reply_on_once(store: Store) -> None:
+    """Sent without waiting or not, a run applies once, and its reply reaches
+    ``answered`` once: by the next such call, or by ``collect``."""
+    record = make_record(("a", ()), ("b", ()), ("c", ()))
+    store.create(record)
+    store.run(record.id, "a", 1, 0.0, "completed")  # the script ran here once
+    answers: list[Transition] = []
+    store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+    store.run_unanswered(answers.append, record.id, "c", 1, 0.0, "discarded", error="E")
+    store.collect()
+    store.collect()
+    assert [changes(out) for out in answers] == [
+        [("b", "executing", 1), ("b", "completed", 1)],
+        [("c", "executing", 1), ("c", "discarded", 1)],
+    ]
+    assert answers[1].finish is not None and answers[1].finish.failed_steps == ("c",)
+    assert store.load(record.id).outcome == "failed"
 
 
 def test_a_step_settles_once(store: Store) -> None:

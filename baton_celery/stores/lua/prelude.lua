@@ -181,7 +181,7 @@ end
 
 -- Commit: the changed fields, the counters, the history; publish; then the reply
 -- (records.Transition): status, applied, events, released steps (name, job, signature,
--- dispatch), job ids to revoke, finish ({total, created, finished, [jobs]} or false),
+-- dispatch, whether it has dependents), job ids to revoke, finish ({total, created, finished, [jobs]} or false),
 -- the step's dispatch number (``gated``: the step a begin gated), the workflow's label.
 local function commit(status, gated)
   for n, s in pairs(cache) do
@@ -218,7 +218,7 @@ local function commit(status, gated)
     sigs = redis.call('HMGET', P .. 'sig', unpack(sigs))
     for i = 1, #released do
       local c = released[i]
-      r[i] = {c.name, c[JOB], sigs[i], c[DISP]}
+      r[i] = {c.name, c[JOB], sigs[i], c[DISP], c[HASKIDS]}
     end
   end
   return {status, 1, events, r, revoke, finish, gated and gated[DISP] or 0, W.label or false}

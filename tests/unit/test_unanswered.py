@@ -1,0 +1,133 @@
+"""Settles sent to Redis without waiting for their replies (``Store.run_unanswered``):
+the replies are read in order, by the next send, the watchdog's tick or a pool process
+on its way out; one lost with its connection (a Redis restart) is sent again. On real
+Redis servers: the shared one, and one of the test's own that it restarts."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery, signals
+from redis_servers import LocalRedis, shared_redis_url
+
+import baton_celery
+from baton_celery import running
+from baton_celery.events import StepUpdated
+from baton_celery.stores import store_from_url
+from baton_celery.stores.records import StepRecord, Transition, WorkflowRecord
+from baton_celery.stores.redis import RedisStore
+
+
+def flat(*names: str) -> WorkflowRecord:
+    wid = uuid.uuid4().hex
+    steps = {
+        n: StepRecord(name=n, task=f"t.{n}", job_id=f"{wid}:{n}", signature={}, dispatch=1)
+        for n in names
+    }
+    return WorkflowRecord(id=wid, label=None, steps=steps, created_at=0.0)
+
+
+def redis_store(url: str) -> RedisStore:
+    store = store_from_url(url)
+    assert isinstance(store, RedisStore)
+    return store
+
+
+def settled(out: Transition) -> list[tuple[str, str]]:
+    return [(e.step_name, e.state) for e in out.events if isinstance(e, StepUpdated)]
+
+
+def test_a_settle_sent_before_a_restart_is_sent_again(tmp_path: Path) -> None:
+    """Redis restarts (its connections closed, its scripts gone) while a settle's reply
+    waits: the settle is sent again and applies once; the next ones go out as before."""
+    server = LocalRedis(tmp_path).start()
+    store = redis_store(f"{server.url}?key_prefix=unanswered")
+    try:
+        record = flat("a", "b", "c", "d")
+        store.create(record)
+        store.run(record.id, "a", 1, 0.0, "completed")  # the script ran here once
+        answers: list[Transition] = []
+        store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+        assert store._unanswered is not None and store._unanswered.waiting() == 1
+        server.stop()
+        server.start()
+        store.run_unanswered(answers.append, record.id, "c", 1, 0.0, "completed")
+        store.run_unanswered(answers.append, record.id, "d", 1, 0.0, "completed")
+        store.collect()
+        steps = store.load(record.id).steps
+        assert {n: s.state for n, s in steps.items()} == dict.fromkeys("abcd", "completed")
+        # b's reply was read before the restart, or b was sent again: once either way.
+        assert [settled(out) for out in answers] == [
+            [("b", "executing"), ("b", "completed")],
+            [("c", "executing"), ("c", "completed")],
+            [("d", "executing"), ("d", "completed")],
+        ]
+        assert [e.seq for e in store.history(record.id)] == list(range(1, 10))
+    finally:
+        store.close()
+        server.stop()
+
+
+def _child_collects(store: RedisStore, out: Any) -> None:
+    answers: list[Any] = store._unanswered.collect() if store._unanswered else []
+    out.put(len(answers))
+
+
+def test_a_forked_child_does_not_read_its_parents_replies() -> None:
+    store = redis_store(shared_redis_url())
+    try:
+        record = flat("a", "b")
+        store.create(record)
+        store.run(record.id, "a", 1, 0.0, "completed")
+        answers: list[Transition] = []
+        store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+        context = multiprocessing.get_context("fork")
+        out = context.Queue()
+        child = context.Process(target=_child_collects, args=(store, out))
+        child.start()
+        assert out.get(timeout=20) == 0
+        child.join(20)
+        store.collect()
+        assert [settled(a) for a in answers] == [[("b", "executing"), ("b", "completed")]]
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def installed() -> Any:
+    app = Celery(f"unanswered-{uuid.uuid4().hex[:8]}", set_as_current=False)
+    app.conf.baton_store = shared_redis_url()
+    runtime = baton_celery.install(app)
+    yield runtime
+    baton_celery.uninstall(app)
+
+
+def test_the_watchdog_and_a_process_on_its_way_out_read_the_replies(installed: Any) -> None:
+    store = installed.store
+    record = flat("a", "b", "c")
+    store.create(record)
+    store.run(record.id, "a", 1, 0.0, "completed")
+    read = threading.Event()
+    answers: list[Transition] = []
+
+    def answered(out: Transition) -> None:
+        answers.append(out)
+        read.set()
+
+    # The watchdog's tick (it runs once a fast-path run started in this process).
+    store.run_unanswered(answered, record.id, "b", 1, 0.0, "completed")
+    running.collect_later(store)
+    run = running.start(running.StepRef(installed, record.id, "x", 1))
+    running.close(run)
+    assert read.wait(10), "the watchdog did not read the reply"
+    # A pool process on its way out (Celery's worker_process_shutdown, in that process).
+    store.run_unanswered(answers.append, record.id, "c", 1, 0.0, "completed")
+    signals.worker_process_shutdown.send(sender=None, pid=0, exitcode=0)
+    assert store._unanswered.waiting() == 0
+    assert [settled(a)[-1] for a in answers] == [("b", "completed"), ("c", "completed")]
+    assert answers[-1].finish is not None
