@@ -16,7 +16,7 @@ broker and store, per task, read from /proc: a figure other load on the machine 
 move much, where wall-clock throughput does. The scenarios' order rotates every round.
 
 Run: python bench/bench_throughput.py [--workflows 150 --width 20 --rounds 3 --only ...]
-     [--store redis|sqlite]
+     [--store redis|sqlite] [--commands: the Redis commands each task made]
 """
 
 from __future__ import annotations
@@ -67,6 +67,26 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def commands(server: redis.Redis) -> dict[str, tuple[int, float]]:
+    """Redis's commandstats: command -> (calls, microseconds) so far."""
+    return {
+        name.removeprefix("cmdstat_"): (int(stat["calls"]), float(stat["usec"]))
+        for name, stat in server.info("commandstats").items()
+    }
+
+
+def commands_per_task(
+    before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]], tasks: int
+) -> str:
+    """The Redis commands a run made, per task: calls (and CPU µs) of each."""
+    parts = []
+    for name, (calls, usec) in sorted(after.items()):
+        calls0, usec0 = before.get(name, (0, 0.0))
+        if calls - calls0 >= tasks // 10:
+            parts.append(f"{name} {(calls - calls0) / tasks:.2f} ({(usec - usec0) / tasks:.0f} us)")
+    return ", ".join(parts)
 
 
 def cpu_parts(worker: int, server: int) -> tuple[float, float, float]:
@@ -185,7 +205,7 @@ def finished(broker: redis.Redis, signals_db: redis.Redis, queue: str, shape: st
 
 
 def throughput(
-    port: int, store: str, scenario: str, workflows: int, width: int
+    port: int, store: str, scenario: str, workflows: int, width: int, show_commands: bool = False
 ) -> tuple[float, tuple[float, float, float]]:
     """tasks/s, and CPU microseconds per task: the worker's main process, its pool, the
     redis-server."""
@@ -207,12 +227,16 @@ def throughput(
     broker = redis.Redis(port=port, db=0)
     server = int(broker.info("server")["process_id"])
     before = cpu_parts(worker.process.pid, server)
+    stats = commands(broker) if show_commands else {}
     try:
         started = worker.consume(app)
         while not finished(broker, worker.db, queue, shape, workflows):
             time.sleep(0.02)  # polling the queue: 20 ms keeps the poll off the CPU
         elapsed = time.time() - started
         after = cpu_parts(worker.process.pid, server)
+        if show_commands:
+            print(f"    redis commands per task, {scenario}: "
+                  f"{commands_per_task(stats, commands(broker), workflows * width)}")  # fmt: skip
     finally:
         worker.stop()
         if listener is not None:
@@ -278,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seq-reps", type=int, default=15)
     parser.add_argument("--store", choices=("redis", "sqlite"), default="redis")
+    parser.add_argument(
+        "--commands", action="store_true", help="print the Redis commands each task made"
+    )
     parser.add_argument("--only", nargs="*", default=list(SCENARIOS), help="scenarios to run")
     args = parser.parse_args(argv)
     n = args.workflows * args.width
@@ -291,7 +318,9 @@ def main(argv: list[str] | None = None) -> None:
         for round_ in range(args.rounds):  # interleaved, so drifts hit every scenario
             order = args.only[round_ % len(args.only) :] + args.only[: round_ % len(args.only)]
             for scenario in order:
-                rate, parts = throughput(port, store, scenario, args.workflows, args.width)
+                rate, parts = throughput(
+                    port, store, scenario, args.workflows, args.width, args.commands
+                )
                 rates[scenario].append(rate)
                 costs[scenario].append(sum(parts))
                 main_, pool, server = parts
