@@ -1,7 +1,8 @@
 """Transitions sent to Redis without waiting for their replies (``Store.run_unanswered``):
-a connection of their own in each process, whose replies are read before its next
-send, and whenever :meth:`Unanswered.collect` is called (the fast path's watchdog, every
-tick; a pool process on its way out).
+a connection of their own in each process, whose replies are read together, by the send
+that finds :data:`READ_AFTER` of them waiting (one read of the socket for them all), and
+whenever :meth:`Unanswered.collect` is called (the fast path's watchdog, every tick; a
+pool process on its way out).
 
 Redis runs a connection's commands in the order they were sent and replies in that
 order, so the replies waiting on the connection are read first-in, first-out. A reply
@@ -20,7 +21,7 @@ from typing import Any, Callable, NamedTuple
 
 from .transition import Transition
 
-__all__ = ["Answer", "Sent", "Unanswered"]
+__all__ = ["Answer", "Sent", "Unanswered", "packed"]
 
 
 class Sent(NamedTuple):
@@ -31,6 +32,9 @@ class Sent(NamedTuple):
     args: tuple[Any, ...]  # the script's own arguments
     answered: Callable[[Transition], None]
 
+
+#: A send reads the waiting replies once this many are waiting.
+READ_AFTER = 16
 
 #: A sent transition and its reply, or the exception reading the reply raised.
 Answer = tuple[Sent, Any]
@@ -49,16 +53,19 @@ class Unanswered:
 
     def send(self, command: Sequence[Any], sent: Sent) -> tuple[bool, list[Answer]]:
         """Send ``command`` (``sent`` awaits its reply): whether it went out (if not, the
-        caller runs it the usual way), and the earlier replies, read first."""
+        caller runs it the usual way), and the earlier replies when it read them first."""
         import redis
 
         with self._lock:
-            answers = self._read()
+            answers = self._read(READ_AFTER)
             try:
                 # No health check: it would read a PING's reply among the waiting ones.
-                self._connection.send_command(*command, check_health=False)
-            except redis.RedisError:
+                self._connection.send_packed_command([packed(command)], check_health=False)
+            except redis.RedisError as exc:
+                # The replies still waiting on the connection are lost with it.
                 self._connection.disconnect()
+                answers.extend((waiting, exc) for waiting in self._sent)
+                self._sent.clear()
                 return False, answers
             self._sent.append(sent)
             return True, answers
@@ -80,7 +87,8 @@ class Unanswered:
             if self._pid == os.getpid() and not self._sent:
                 self._connection.disconnect()
 
-    def _read(self) -> list[Answer]:
+    def _read(self, waiting: int = 1) -> list[Answer]:
+        """The replies of the transitions sent so far, if ``waiting`` or more wait."""
         import redis
 
         if self._pid != os.getpid():
@@ -88,6 +96,8 @@ class Unanswered:
             # process's (redis-py never shuts down a socket another process made).
             self._pid, self._connection = os.getpid(), self._pool.make_connection()
             self._sent.clear()
+        if len(self._sent) < waiting:
+            return []
         answers: list[Answer] = []
         while self._sent:
             sent = self._sent.popleft()
@@ -101,3 +111,12 @@ class Unanswered:
                 answers.extend((waiting, exc) for waiting in self._sent)
                 self._sent.clear()
         return answers
+
+
+def packed(command: Sequence[str | int]) -> bytes:
+    """``command`` in Redis's wire protocol (RESP), as redis-py would send it, in about a
+    quarter of the time its general packer takes for a transition's ~20 arguments."""
+    encoded = [str(arg).encode() for arg in command]
+    return b"*%d\r\n" % len(encoded) + b"".join(
+        [b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in encoded]
+    )
