@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 from ..events import Event
+from ..guard import RateLimitedLog
 from ..process import process_token
 from .base import Store, StoreError, UnknownWorkflow
 from .records import RUN, TERMINAL, WorkflowRecord
@@ -39,6 +40,7 @@ UNANSWERED_FAILED = (
     "baton_celery: the settle of step %r (workflow %s), sent without waiting for its "
     "reply, failed (%s); the backstop will settle the step"
 )
+_unanswered_failed = RateLimitedLog(logger, logging.WARNING, traceback=False)
 CLEANUP_FAILED = (
     "baton_celery: workflow %s finished, but its index entries could not be updated "
     "(%s); the backstop sweep will retry"
@@ -270,10 +272,7 @@ class RedisStore(RedisIndex, Store):
         base = self._base(workflow_id)
         command = ("EVALSHA", script.sha, 1, base + "m", base,
                    *self._prelude_args(workflow_id), *args)  # fmt: skip
-        went, answers = self._unanswered.send(command, Sent(workflow_id, step, args, answered))
-        self._answer(answers)
-        if not went:
-            answered(self._transition("run", workflow_id, step, *args))
+        self._answer(self._unanswered.send(command, Sent(workflow_id, step, args, answered)))
 
     def collect(self) -> None:
         if self._unanswered is not None:
@@ -283,9 +282,12 @@ class RedisStore(RedisIndex, Store):
         """Hand on each reply of a transition sent without waiting. One that was lost, or
         refused because Redis lost the script (restarted), is sent again the usual way;
         when the first had applied, the second changes nothing and is not handed on.
-        Never raises: a failure is logged, and the backstop settles that step."""
+        Once a second send fails (Redis is away), the rest are not tried: a task waits
+        at most one failed send here. Never raises: a failure is logged, rate-limited,
+        and the backstop settles that step."""
         import redis
 
+        away: Exception | None = None
         for sent, reply in answers:
             try:
                 if isinstance(reply, redis.ResponseError) and not isinstance(
@@ -293,14 +295,21 @@ class RedisStore(RedisIndex, Store):
                 ):
                     raise StoreError(f"redis store: {type(reply).__name__}: {reply}")
                 if isinstance(reply, Exception):
-                    out = self._transition("run", sent.workflow_id, sent.step, *sent.args)
+                    if away is not None:
+                        raise away
+                    try:
+                        out = self._transition("run", sent.workflow_id, sent.step, *sent.args)
+                    except StoreError as exc:
+                        if isinstance(exc.__cause__, (redis.ConnectionError, redis.TimeoutError)):
+                            away = exc
+                        raise
                     if not out.applied and out.decision != RUN:
                         continue  # the first had applied (or a cancel came first: no matter)
                 else:
                     out = self._decoded(sent.workflow_id, sent.step, reply)
                 sent.answered(out)
             except Exception as exc:
-                logger.warning(UNANSWERED_FAILED, sent.step, sent.workflow_id, exc)
+                _unanswered_failed(UNANSWERED_FAILED, sent.step, sent.workflow_id, exc)
 
     def retrying(self, workflow_id: str, step: str, error: str | None) -> Transition:
         args = (step, flag(error is not None), error or "")

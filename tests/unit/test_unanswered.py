@@ -5,15 +5,19 @@ Redis servers: the shared one, and one of the test's own that it restarts."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import signal
 import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery, signals
-from redis_servers import LocalRedis, shared_redis_url
+from celery.exceptions import SoftTimeLimitExceeded
+from redis_servers import SHARED_REDIS_URL, LocalRedis, shared_redis_url, unique_prefix
 
 import baton_celery
 from baton_celery import running
@@ -21,6 +25,7 @@ from baton_celery.events import StepUpdated
 from baton_celery.stores import store_from_url
 from baton_celery.stores.records import StepRecord, Transition, WorkflowRecord
 from baton_celery.stores.redis import RedisStore
+from baton_celery.stores.redis_unanswered import packed
 
 
 def flat(*names: str) -> WorkflowRecord:
@@ -128,6 +133,96 @@ def test_a_settle_refused_for_a_lost_script_is_sent_again(tmp_path: Path) -> Non
         server.stop()
 
 
+def _cut_short(signum: int, frame: Any) -> None:
+    raise SoftTimeLimitExceeded("soft time limit")
+
+
+def test_a_settle_whose_read_was_cut_short_is_sent_again(tmp_path: Path) -> None:
+    """A soft time limit lands while the task's thread reads a reply (Redis is slow: its
+    clients paused): the connection goes with every reply on it, the settles waiting
+    there are sent again, each applies once, and later replies are not mismatched."""
+    server = LocalRedis(tmp_path).start()
+    store = redis_store(f"{server.url}?key_prefix=unanswered")
+    unanswered = store._unanswered
+    assert unanswered is not None
+    previous = signal.signal(signal.SIGALRM, _cut_short)
+    try:
+        record = flat("a", "b", "c", "d")
+        store.create(record)
+        store.run(record.id, "a", 1, 0.0, "completed")  # the script ran here once
+        answers: list[Transition] = []
+        store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+        store.collect()  # b's connection is up and its reply read
+        server.client().client_pause(1500, all=True)
+        store.run_unanswered(answers.append, record.id, "c", 1, 0.0, "completed")
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(SoftTimeLimitExceeded):
+            unanswered.collect()
+        assert unanswered.waiting() == 0
+        store.collect()  # c is handed back as lost and sent again (after the pause)
+        store.run_unanswered(answers.append, record.id, "d", 1, 0.0, "completed")
+        store.collect()
+        assert [settled(out) for out in answers] == [
+            [("b", "executing"), ("b", "completed")],
+            [("c", "executing"), ("c", "completed")],
+            [("d", "executing"), ("d", "completed")],
+        ]
+        assert answers[-1].finish is not None
+        assert [e.seq for e in store.history(record.id)] == list(range(1, 10))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        store.close()
+        server.stop()
+
+
+def test_a_settle_that_cannot_be_sent_is_logged_and_never_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis is gone: a settle sent without waiting fails to go out, is tried once the
+    usual way, and is logged (the backstop settles the step); the task sees nothing."""
+    server = LocalRedis(tmp_path).start()
+    store = redis_store(f"{server.url}?key_prefix=unanswered")
+    try:
+        record = flat("a", "b", "c")
+        store.create(record)
+        store.run(record.id, "a", 1, 0.0, "completed")  # the script ran here once
+        server.stop()
+        answers: list[Transition] = []
+        with caplog.at_level(logging.WARNING, logger="baton_celery"):
+            store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+        assert answers == []
+        assert store._unanswered is not None and store._unanswered.waiting() == 0
+        [warning] = [r.getMessage() for r in caplog.records if "sent without" in r.getMessage()]
+        assert "'b'" in warning and record.id in warning and "backstop" in warning
+    finally:
+        store.close()
+        server.stop()
+
+
+def test_a_settle_without_a_connection_of_its_own_goes_the_usual_way() -> None:
+    """A ready client whose pool is full (one connection, the store's): the settle
+    cannot have a connection of its own, so it is sent the usual way, and answered."""
+    client = redis.Redis.from_url(SHARED_REDIS_URL, max_connections=1, socket_timeout=5)
+    store = RedisStore(client, key_prefix=unique_prefix())
+    try:
+        record = flat("a", "b")
+        store.create(record)
+        store.run(record.id, "a", 1, 0.0, "completed")  # the script ran here once
+        answers: list[Transition] = []
+        store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+        assert [settled(out) for out in answers] == [[("b", "executing"), ("b", "completed")]]
+        assert answers[0].finish is not None
+    finally:
+        store.close()
+        client.close()
+
+
+def test_packed_commands_are_what_redis_py_would_send() -> None:
+    command = ("EVALSHA", "f00d", 1, "baton:{w}:m", "étape ✓", b"\xff\x00 raw", 7, 0.125, "")
+    assert packed(command) == b"".join(redis.Connection().pack_command(*command))
+
+
 def test_a_settle_sent_without_waiting_keeps_every_character() -> None:
     """The settle goes out packed by the store itself (not redis-py's packer): names,
     results and errors beyond ASCII arrive as they were, and the reply is the usual one."""
@@ -177,6 +272,26 @@ def test_a_forked_child_does_not_read_its_parents_replies() -> None:
         store.collect()
         assert [settled(a) for a in answers] == [[("b", "executing"), ("b", "completed")]]
     finally:
+        store.close()
+
+
+def test_a_child_forked_while_another_thread_read_makes_its_own_lock() -> None:
+    """A task forks while the watchdog's thread holds the lock (reading replies): the
+    child's exit hook must not wait for a lock no thread of its own will release."""
+    store = redis_store(shared_redis_url())
+    unanswered = store._unanswered
+    assert unanswered is not None
+    try:
+        unanswered._here().acquire()  # another thread of the parent, mid-read
+        context = multiprocessing.get_context("fork")
+        out = context.Queue()
+        child = context.Process(target=_child_collects, args=(store, out))
+        child.start()
+        assert out.get(timeout=20) == 0
+        child.join(20)
+        assert child.exitcode == 0
+    finally:
+        unanswered._here().release()
         store.close()
 
 
