@@ -71,6 +71,7 @@ def identity_of(request: Any) -> StepIdentity | None:
             and isinstance(ident.step, str)
             and isinstance(ident.workflow_label, (str, type(None)))
             and isinstance(ident.dispatch, int)
+            and not isinstance(ident.dispatch, bool)
         )
     except (TypeError, KeyError, AttributeError):
         valid = False

@@ -132,6 +132,10 @@ class Runtime:
         if exc is None:
             return None
         text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # lone surrogates (a path decoded with surrogateescape)
+            text = text.encode("utf-8", "backslashreplace").decode()
         return cut_error(text, self.config.max_error_length)
 
 

@@ -80,6 +80,7 @@ def test_a_task_without_the_header_is_not_a_step_and_logs_nothing(
         {"workflow_id": "wf-1", "step": "load", "workflow_label": 3},
         {"workflow_id": "wf-1", "step": "load", "dispatch": "1"},
         {"workflow_id": "wf-1", "step": "load", "dispatch": None},
+        {"workflow_id": "wf-1", "step": "load", "dispatch": True},
     ],
 )
 def test_a_malformed_header_is_logged_and_treated_as_a_plain_task(
