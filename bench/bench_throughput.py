@@ -131,7 +131,9 @@ class Worker:
     def consume(self, app: Any) -> float:
         """Take up the benchmark's queue now; when it was asked to."""
         started = time.time()
-        replies = app.control.add_consumer(self.queue, destination=[self.name], reply=True)
+        replies = app.control.add_consumer(
+            self.queue, destination=[self.name], reply=True, timeout=10
+        )
         if not replies:
             raise RuntimeError("the benchmark worker did not take up its queue")
         return started
