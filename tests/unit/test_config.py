@@ -140,6 +140,14 @@ def test_error_text_formats_an_exception() -> None:
     assert runtime().error_text(None) is None
 
 
+def test_error_text_escapes_lone_surrogates_so_any_store_can_keep_it() -> None:
+    # A file name decoded with surrogateescape, in an OSError's text.
+    name = b"report-\xff.csv".decode("utf-8", "surrogateescape")
+    text = runtime().error_text(FileNotFoundError(f"no such file: {name}"))
+    assert text == "FileNotFoundError: no such file: report-\\udcff.csv"
+    assert text is not None and text.encode()
+
+
 @pytest.mark.parametrize("limit", [20, 50, 2000])
 def test_error_text_is_bounded(limit: int) -> None:
     rt = runtime(baton_max_error_length=limit)
