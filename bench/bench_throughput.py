@@ -131,12 +131,15 @@ class Worker:
     def consume(self, app: Any) -> float:
         """Take up the benchmark's queue now; when it was asked to."""
         started = time.time()
-        replies = app.control.add_consumer(
-            self.queue, destination=[self.name], reply=True, timeout=10
-        )
-        if not replies:
-            raise RuntimeError("the benchmark worker did not take up its queue")
-        return started
+        # Asked again when no reply came: a worker just up may not yet listen for control
+        # messages, and one sent before that is lost (asking twice is harmless).
+        for _ in range(5):
+            replies = app.control.add_consumer(
+                self.queue, destination=[self.name], reply=True, timeout=2
+            )
+            if replies:
+                return started
+        raise RuntimeError("the benchmark worker did not take up its queue")
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
