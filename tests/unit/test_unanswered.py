@@ -10,6 +10,7 @@ import multiprocessing
 import signal
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,161 +44,154 @@ def redis_store(url: str) -> RedisStore:
     return store
 
 
+def started(store: RedisStore, *names: str) -> WorkflowRecord:
+    """A workflow of step ``a`` and ``names``, with ``a`` settled: the run script has run
+    once on this store, so the next settles can go without waiting."""
+    record = flat("a", *names)
+    store.create(record)
+    store.run(record.id, "a", 1, 0.0, "completed")
+    return record
+
+
 def settled(out: Transition) -> list[tuple[str, str]]:
     return [(e.step_name, e.state) for e in out.events if isinstance(e, StepUpdated)]
 
 
-def test_a_settle_sent_before_a_restart_is_sent_again(tmp_path: Path) -> None:
+def ran(*names: str) -> list[list[tuple[str, str]]]:
+    """What the replies of these steps' settles say, in order: each ran and completed."""
+    return [[(n, "executing"), (n, "completed")] for n in names]
+
+
+@pytest.fixture
+def own() -> Iterator[RedisStore]:
+    """A store on the shared Redis."""
+    store = redis_store(shared_redis_url())
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[LocalRedis]:
+    """A Redis server of the test's own, to restart, kill or pause."""
+    server = LocalRedis(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(server: LocalRedis) -> Iterator[RedisStore]:
+    """A store on the test's own Redis server."""
+    store = redis_store(f"{server.url}?key_prefix=unanswered")
+    yield store
+    store.close()
+
+
+def test_a_settle_sent_before_a_restart_is_sent_again(
+    server: LocalRedis, store: RedisStore
+) -> None:
     """Redis restarts (its connections closed, its scripts gone) while a settle's reply
     waits: the settle is sent again and applies once; the next ones go out as before."""
-    server = LocalRedis(tmp_path).start()
-    store = redis_store(f"{server.url}?key_prefix=unanswered")
-    try:
-        record = flat("a", "b", "c", "d")
-        store.create(record)
-        store.run(record.id, "a", 1, 0.0, "completed")  # the script ran here once
-        answers: list[Transition] = []
-        store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
-        assert store._unanswered is not None and store._unanswered.waiting() == 1
-        server.stop()
-        server.start()
-        store.run_unanswered(answers.append, record.id, "c", 1, 0.0, "completed")
-        store.run_unanswered(answers.append, record.id, "d", 1, 0.0, "completed")
-        store.collect()
-        steps = store.load(record.id).steps
-        assert {n: s.state for n, s in steps.items()} == dict.fromkeys("abcd", "completed")
-        # b applied before the restart: its reply, lost with the connection, is not
-        # known (its second sending changed nothing and is not handed on), or it was
-        # read in time. Each settle applied once, and the replies come in order.
-        got = [settled(out) for out in answers]
-        assert got[-2:] == [
-            [("c", "executing"), ("c", "completed")],
-            [("d", "executing"), ("d", "completed")],
-        ]
-        assert got[:-2] in ([], [[("b", "executing"), ("b", "completed")]])
-        assert [e.seq for e in store.history(record.id)] == list(range(1, 10))
-    finally:
-        store.close()
-        server.stop()
+    record = started(store, "b", "c", "d")
+    answers: list[Transition] = []
+    store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+    assert store._unanswered is not None and store._unanswered.waiting() == 1
+    server.stop()
+    server.start()
+    store.run_unanswered(answers.append, record.id, "c", 1, 0.0, "completed")
+    store.run_unanswered(answers.append, record.id, "d", 1, 0.0, "completed")
+    store.collect()
+    steps = store.load(record.id).steps
+    assert {n: s.state for n, s in steps.items()} == dict.fromkeys("abcd", "completed")
+    # b applied before the restart: its reply, lost with the connection, is not
+    # known (its second sending changed nothing and is not handed on), or it was
+    # read in time. Each settle applied once, and the replies come in order.
+    got = [settled(out) for out in answers]
+    assert got[-2:] == ran("c", "d")
+    assert got[:-2] in ([], ran("b"))
+    assert [e.seq for e in store.history(record.id)] == list(range(1, 10))
 
 
-def test_a_settle_whose_reply_never_came_is_sent_again(tmp_path: Path) -> None:
+def test_a_settle_whose_reply_never_came_is_sent_again(
+    server: LocalRedis, store: RedisStore
+) -> None:
     """Redis dies with a settle queued and not run (its clients paused): the reply is
     lost with the connection, the settle is sent again and applies once."""
-    server = LocalRedis(tmp_path).start()
-    store = redis_store(f"{server.url}?key_prefix=unanswered")
-    try:
-        record = flat("a", "b", "c")
-        store.create(record)
-        store.run(record.id, "a", 1, 0.0, "completed")  # the script ran here once
-        answers: list[Transition] = []
-        store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
-        store.collect()  # b's connection is up and its reply read
-        server.client().client_pause(10_000, all=True)
-        store.run_unanswered(answers.append, record.id, "c", 1, 0.0, "completed")
-        server.kill()
-        server.start()
-        store.collect()
-        assert store.load(record.id).steps["c"].state == "completed"
-        assert [settled(out) for out in answers] == [
-            [("b", "executing"), ("b", "completed")],
-            [("c", "executing"), ("c", "completed")],
-        ]
-        assert [e.seq for e in store.history(record.id)] == list(range(1, 8))
-    finally:
-        store.close()
-        server.stop()
+    record = started(store, "b", "c")
+    answers: list[Transition] = []
+    store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+    store.collect()  # b's connection is up and its reply read
+    server.client().client_pause(10_000, all=True)
+    store.run_unanswered(answers.append, record.id, "c", 1, 0.0, "completed")
+    server.kill()
+    server.start()
+    store.collect()
+    assert store.load(record.id).steps["c"].state == "completed"
+    assert [settled(out) for out in answers] == ran("b", "c")
+    assert [e.seq for e in store.history(record.id)] == list(range(1, 8))
 
 
-def test_a_settle_refused_for_a_lost_script_is_sent_again(tmp_path: Path) -> None:
+def test_a_settle_refused_for_a_lost_script_is_sent_again(store: RedisStore) -> None:
     """Redis forgot the script (SCRIPT FLUSH, as after a restart): the settle sent
     without waiting is refused, then sent again with the script, and applies once."""
-    server = LocalRedis(tmp_path).start()
-    store = redis_store(f"{server.url}?key_prefix=unanswered")
-    try:
-        record = flat("a", "b", "c")
-        store.create(record)
-        store.run(record.id, "a", 1, 0.0, "completed")  # the script ran here once
-        store.client.script_flush()
-        answers: list[Transition] = []
-        store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
-        store.run_unanswered(answers.append, record.id, "c", 1, 0.0, "completed")
-        store.collect()
-        assert [settled(out) for out in answers] == [
-            [("b", "executing"), ("b", "completed")],
-            [("c", "executing"), ("c", "completed")],
-        ]
-        assert [e.seq for e in store.history(record.id)] == list(range(1, 8))
-    finally:
-        store.close()
-        server.stop()
+    record = started(store, "b", "c")
+    store.client.script_flush()
+    answers: list[Transition] = []
+    store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+    store.run_unanswered(answers.append, record.id, "c", 1, 0.0, "completed")
+    store.collect()
+    assert [settled(out) for out in answers] == ran("b", "c")
+    assert [e.seq for e in store.history(record.id)] == list(range(1, 8))
 
 
 def _cut_short(signum: int, frame: Any) -> None:
     raise SoftTimeLimitExceeded("soft time limit")
 
 
-def test_a_settle_whose_read_was_cut_short_is_sent_again(tmp_path: Path) -> None:
+def test_a_settle_whose_read_was_cut_short_is_sent_again(
+    server: LocalRedis, store: RedisStore
+) -> None:
     """A soft time limit lands while the task's thread reads a reply (Redis is slow: its
     clients paused): the connection goes with every reply on it, the settles waiting
     there are sent again, each applies once, and later replies are not mismatched."""
-    server = LocalRedis(tmp_path).start()
-    store = redis_store(f"{server.url}?key_prefix=unanswered")
     unanswered = store._unanswered
     assert unanswered is not None
+    record = started(store, "b", "c", "d")
+    answers: list[Transition] = []
+    store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+    store.collect()  # b's connection is up and its reply read
+    server.client().client_pause(1500, all=True)
+    store.run_unanswered(answers.append, record.id, "c", 1, 0.0, "completed")
     previous = signal.signal(signal.SIGALRM, _cut_short)
     try:
-        record = flat("a", "b", "c", "d")
-        store.create(record)
-        store.run(record.id, "a", 1, 0.0, "completed")  # the script ran here once
-        answers: list[Transition] = []
-        store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
-        store.collect()  # b's connection is up and its reply read
-        server.client().client_pause(1500, all=True)
-        store.run_unanswered(answers.append, record.id, "c", 1, 0.0, "completed")
         signal.setitimer(signal.ITIMER_REAL, 0.3)
         with pytest.raises(SoftTimeLimitExceeded):
             unanswered.collect()
-        assert unanswered.waiting() == 0
-        store.collect()  # c is handed back as lost and sent again (after the pause)
-        store.run_unanswered(answers.append, record.id, "d", 1, 0.0, "completed")
-        store.collect()
-        assert [settled(out) for out in answers] == [
-            [("b", "executing"), ("b", "completed")],
-            [("c", "executing"), ("c", "completed")],
-            [("d", "executing"), ("d", "completed")],
-        ]
-        assert answers[-1].finish is not None
-        assert [e.seq for e in store.history(record.id)] == list(range(1, 10))
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-        store.close()
-        server.stop()
+    assert unanswered.waiting() == 0
+    store.collect()  # c is handed back as lost and sent again (after the pause)
+    store.run_unanswered(answers.append, record.id, "d", 1, 0.0, "completed")
+    store.collect()
+    assert [settled(out) for out in answers] == ran("b", "c", "d")
+    assert answers[-1].finish is not None
+    assert [e.seq for e in store.history(record.id)] == list(range(1, 10))
 
 
 def test_a_settle_that_cannot_be_sent_is_logged_and_never_raises(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    server: LocalRedis, store: RedisStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis is gone: a settle sent without waiting fails to go out, is tried once the
     usual way, and is logged (the backstop settles the step); the task sees nothing."""
-    server = LocalRedis(tmp_path).start()
-    store = redis_store(f"{server.url}?key_prefix=unanswered")
-    try:
-        record = flat("a", "b", "c")
-        store.create(record)
-        store.run(record.id, "a", 1, 0.0, "completed")  # the script ran here once
-        server.stop()
-        answers: list[Transition] = []
-        with caplog.at_level(logging.WARNING, logger="baton_celery"):
-            store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
-        assert answers == []
-        assert store._unanswered is not None and store._unanswered.waiting() == 0
-        [warning] = [r.getMessage() for r in caplog.records if "sent without" in r.getMessage()]
-        assert "'b'" in warning and record.id in warning and "backstop" in warning
-    finally:
-        store.close()
-        server.stop()
+    record = started(store, "b", "c")
+    server.stop()
+    answers: list[Transition] = []
+    with caplog.at_level(logging.WARNING, logger="baton_celery"):
+        store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+    assert answers == []
+    assert store._unanswered is not None and store._unanswered.waiting() == 0
+    [warning] = [r.getMessage() for r in caplog.records if "sent without" in r.getMessage()]
+    assert "'b'" in warning and record.id in warning and "backstop" in warning
 
 
 def test_a_settle_without_a_connection_of_its_own_goes_the_usual_way() -> None:
@@ -206,12 +200,10 @@ def test_a_settle_without_a_connection_of_its_own_goes_the_usual_way() -> None:
     client = redis.Redis.from_url(SHARED_REDIS_URL, max_connections=1, socket_timeout=5)
     store = RedisStore(client, key_prefix=unique_prefix())
     try:
-        record = flat("a", "b")
-        store.create(record)
-        store.run(record.id, "a", 1, 0.0, "completed")  # the script ran here once
+        record = started(store, "b")
         answers: list[Transition] = []
         store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
-        assert [settled(out) for out in answers] == [[("b", "executing"), ("b", "completed")]]
+        assert [settled(out) for out in answers] == ran("b")
         assert answers[0].finish is not None
     finally:
         store.close()
@@ -223,31 +215,25 @@ def test_packed_commands_are_what_redis_py_would_send() -> None:
     assert packed(command) == b"".join(redis.Connection().pack_command(*command))
 
 
-def test_a_settle_sent_without_waiting_keeps_every_character() -> None:
+def test_a_settle_sent_without_waiting_keeps_every_character(own: RedisStore) -> None:
     """The settle goes out packed by the store itself (not redis-py's packer): names,
     results and errors beyond ASCII arrive as they were, and the reply is the usual one."""
-    store = redis_store(shared_redis_url())
-    try:
-        record = flat("a", "étape ✓", "b")
-        store.create(record)
-        store.run(record.id, "a", 1, 0.0, "completed")  # the script ran here once
-        answers: list[Transition] = []
-        store.run_unanswered(answers.append, record.id, "étape ✓", 1, 0.25, "discarded",
-                             error="échec — ✗ 失败")  # fmt: skip
-        store.run_unanswered(answers.append, record.id, "b", 7, 0.0, "completed",
-                             has_result=True, result={"clé": ["ü", 1.5]})  # fmt: skip
-        store.collect()
-        steps = store.load(record.id).steps
-        assert steps["étape ✓"].state == "discarded"
-        assert steps["étape ✓"].error == "échec — ✗ 失败"
-        assert steps["b"].dispatch == 7
-        assert store.results(record.id, ["b"])["b"] == {"clé": ["ü", 1.5]}
-        assert [settled(out) for out in answers] == [
-            [("étape ✓", "executing"), ("étape ✓", "discarded")],
-            [("b", "executing"), ("b", "completed")],
-        ]
-    finally:
-        store.close()
+    record = started(own, "étape ✓", "b")
+    answers: list[Transition] = []
+    own.run_unanswered(answers.append, record.id, "étape ✓", 1, 0.25, "discarded",
+                       error="échec — ✗ 失败")  # fmt: skip
+    own.run_unanswered(answers.append, record.id, "b", 7, 0.0, "completed",
+                       has_result=True, result={"clé": ["ü", 1.5]})  # fmt: skip
+    own.collect()
+    steps = own.load(record.id).steps
+    assert steps["étape ✓"].state == "discarded"
+    assert steps["étape ✓"].error == "échec — ✗ 失败"
+    assert steps["b"].dispatch == 7
+    assert own.results(record.id, ["b"])["b"] == {"clé": ["ü", 1.5]}
+    assert [settled(out) for out in answers] == [
+        [("étape ✓", "executing"), ("étape ✓", "discarded")],
+        *ran("b"),
+    ]
 
 
 def _child_collects(store: RedisStore, out: Any) -> None:
@@ -255,44 +241,36 @@ def _child_collects(store: RedisStore, out: Any) -> None:
     out.put(len(answers))
 
 
-def test_a_forked_child_does_not_read_its_parents_replies() -> None:
-    store = redis_store(shared_redis_url())
-    try:
-        record = flat("a", "b")
-        store.create(record)
-        store.run(record.id, "a", 1, 0.0, "completed")
-        answers: list[Transition] = []
-        store.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
-        context = multiprocessing.get_context("fork")
-        out = context.Queue()
-        child = context.Process(target=_child_collects, args=(store, out))
-        child.start()
-        assert out.get(timeout=20) == 0
-        child.join(20)
-        store.collect()
-        assert [settled(a) for a in answers] == [[("b", "executing"), ("b", "completed")]]
-    finally:
-        store.close()
+def forked_child_collects(store: RedisStore) -> None:
+    """A child forked now reads no reply of its parent's, and exits."""
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_child_collects, args=(store, out))
+    child.start()
+    assert out.get(timeout=20) == 0
+    child.join(20)
+    assert child.exitcode == 0
 
 
-def test_a_child_forked_while_another_thread_read_makes_its_own_lock() -> None:
+def test_a_forked_child_does_not_read_its_parents_replies(own: RedisStore) -> None:
+    record = started(own, "b")
+    answers: list[Transition] = []
+    own.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+    forked_child_collects(own)
+    own.collect()
+    assert [settled(a) for a in answers] == ran("b")
+
+
+def test_a_child_forked_while_another_thread_read_makes_its_own_lock(own: RedisStore) -> None:
     """A task forks while the watchdog's thread holds the lock (reading replies): the
     child's exit hook must not wait for a lock no thread of its own will release."""
-    store = redis_store(shared_redis_url())
-    unanswered = store._unanswered
+    unanswered = own._unanswered
     assert unanswered is not None
+    unanswered._here().acquire()  # another thread of the parent, mid-read
     try:
-        unanswered._here().acquire()  # another thread of the parent, mid-read
-        context = multiprocessing.get_context("fork")
-        out = context.Queue()
-        child = context.Process(target=_child_collects, args=(store, out))
-        child.start()
-        assert out.get(timeout=20) == 0
-        child.join(20)
-        assert child.exitcode == 0
+        forked_child_collects(own)
     finally:
         unanswered._here().release()
-        store.close()
 
 
 @pytest.fixture
@@ -306,9 +284,7 @@ def installed() -> Any:
 
 def test_the_watchdog_and_a_process_on_its_way_out_read_the_replies(installed: Any) -> None:
     store = installed.store
-    record = flat("a", "b", "c")
-    store.create(record)
-    store.run(record.id, "a", 1, 0.0, "completed")
+    record = started(store, "b", "c")
     read = threading.Event()
     answers: list[Transition] = []
 
