@@ -12,16 +12,18 @@ results ignored, side by side with bare Celery in one run (median of alternating
 The work is published while the worker is up (as in production), then the worker takes
 up its queue. Besides tasks/s (wall time from then to the last task), each run reports
 the CPU it cost: the worker's processes (main and pool) and the redis-server serving
-broker and store, per task, read from /proc: a figure other load on the machine does not
-move much, where wall-clock throughput does. The scenarios' order rotates every round.
+broker and store (or both servers, with ``--store redis-apart``), per task, read from
+/proc: a figure other load on the machine does not move much, where wall-clock
+throughput does. The scenarios' order rotates every round.
 
 Run: python bench/bench_throughput.py [--workflows 150 --width 20 --rounds 3 --only ...]
-     [--store redis|sqlite] [--commands: the Redis commands each task made]
+     [--store redis|redis-apart|sqlite] [--commands: the Redis commands each task made]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -33,6 +35,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 
@@ -89,14 +92,26 @@ def commands_per_task(
     return ", ".join(parts)
 
 
-def cpu_parts(worker: int, server: int) -> tuple[float, float, float]:
+def cpu_parts(worker: int, servers: set[int]) -> tuple[float, float, float]:
     """CPU so far of the worker's main process, of its pool (its children), and of the
-    redis-server."""
+    redis-servers (the broker's, and the store's when it has one of its own)."""
     children = subprocess.run(
         ["pgrep", "-P", str(worker)], capture_output=True, text=True, check=False
     ).stdout.split()
     pool = sum(cpu_seconds(int(c)) for c in children)
-    return cpu_seconds(worker), pool, cpu_seconds(server)
+    return cpu_seconds(worker), pool, sum(cpu_seconds(pid) for pid in servers)
+
+
+def server_pids(port: int, store: str) -> set[int]:
+    """The redis-servers of the broker (``port``) and of the store."""
+    ports = {port}
+    if store.startswith("redis://"):
+        ports.add(urlsplit(store).port or port)
+    pids = set()
+    for each in ports:
+        with redis.Redis(port=each) as server:
+            pids.add(int(server.info("server")["process_id"]))
+    return pids
 
 
 class Worker:
@@ -230,15 +245,15 @@ def throughput(
     if listener is not None:
         baton_celery.subscribe_all(count)
     broker = redis.Redis(port=port, db=0)
-    server = int(broker.info("server")["process_id"])
-    before = cpu_parts(worker.process.pid, server)
+    servers = server_pids(port, store)
+    before = cpu_parts(worker.process.pid, servers)
     stats = commands(broker) if show_commands else {}
     try:
         started = worker.consume(app)
         while not finished(broker, worker.db, queue, shape, workflows):
             time.sleep(0.02)  # polling the queue: 20 ms keeps the poll off the CPU
         elapsed = time.time() - started
-        after = cpu_parts(worker.process.pid, server)
+        after = cpu_parts(worker.process.pid, servers)
         if show_commands:
             print(f"    redis commands per task, {scenario}: "
                   f"{commands_per_task(stats, commands(broker), workflows * width)}")  # fmt: skip
@@ -306,18 +321,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seq-reps", type=int, default=15)
-    parser.add_argument("--store", choices=("redis", "sqlite"), default="redis")
+    parser.add_argument(
+        "--store",
+        choices=("redis", "redis-apart", "sqlite"),
+        default="redis",
+        help="redis: the broker's redis-server; redis-apart: a redis-server of its own",
+    )
     parser.add_argument(
         "--commands", action="store_true", help="print the Redis commands each task made"
     )
     parser.add_argument("--only", nargs="*", default=list(SCENARIOS), help="scenarios to run")
     args = parser.parse_args(argv)
     n = args.workflows * args.width
-    with own_redis() as port, tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        port = stack.enter_context(own_redis())
         if args.store == "redis":
             store = f"redis://127.0.0.1:{port}/1"
+        elif args.store == "redis-apart":
+            store = f"redis://127.0.0.1:{stack.enter_context(own_redis())}/1"
         else:
-            store = f"sqlite:///{tmp}/bench.sqlite3"
+            store = f"sqlite:///{stack.enter_context(tempfile.TemporaryDirectory())}/x.sqlite3"
         rates: dict[str, list[float]] = {s: [] for s in args.only}
         costs: dict[str, list[float]] = {s: [] for s in args.only}
         for round_ in range(args.rounds):  # interleaved, so drifts hit every scenario
