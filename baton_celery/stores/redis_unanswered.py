@@ -60,8 +60,6 @@ class Unanswered:
     def send(self, command: Sequence[Any], sent: Sent) -> list[Answer]:
         """Send ``command`` (``sent`` awaits its reply); the earlier replies when it read
         them first. If it could not be sent, ``sent`` is among them, as lost."""
-        import redis
-
         payload = packed(command)  # first: a bad argument changes nothing
         with self._here():
             try:
@@ -70,9 +68,8 @@ class Unanswered:
                 # No health check: it would read a PING's reply among the waiting ones.
                 self._connection.send_packed_command([payload], check_health=False)
             except BaseException as exc:
-                lost = exc if isinstance(exc, redis.RedisError) else _interrupted(exc)
                 queued = any(waiting is sent for waiting in self._sent)
-                self._drop(lost)
+                lost = self._failed(exc)
                 if not queued:  # no connection to be had: not sent either
                     self._answers.append((sent, lost))
                 if lost is not exc:
@@ -82,15 +79,11 @@ class Unanswered:
     def collect(self) -> list[Answer]:
         """The replies of every transition sent so far (each read within the store's
         timeout, the connection's)."""
-        import redis
-
         with self._here():
             try:
                 self._read()
             except BaseException as exc:  # no connection to be had, or cut short
-                lost = exc if isinstance(exc, redis.RedisError) else _interrupted(exc)
-                self._drop(lost)
-                if lost is not exc:
+                if self._failed(exc) is not exc:
                     raise
             return self._handed()
 
@@ -135,6 +128,19 @@ class Unanswered:
                 return
             self._answers.append((self._sent.popleft(), reply))
 
+    def _failed(self, exc: BaseException) -> Exception:
+        """After ``exc`` ended a send or a read: drop the connection; what lost the
+        transitions on it (``exc`` itself when it is Redis's; the caller re-raises any
+        other, such as a soft time limit)."""
+        import redis
+
+        if isinstance(exc, redis.RedisError):
+            lost: Exception = exc
+        else:
+            lost = redis.ConnectionError(f"interrupted by {exc!r}")
+        self._drop(lost)
+        return lost
+
     def _drop(self, lost: Exception) -> None:
         """Close the connection; every transition still waiting on it is lost."""
         if self._connection is not None:
@@ -145,13 +151,6 @@ class Unanswered:
     def _handed(self) -> list[Answer]:
         answers, self._answers = self._answers, []
         return answers
-
-
-def _interrupted(exc: BaseException) -> Exception:
-    """What lost the replies an exception cut short (a soft time limit): the connection."""
-    import redis
-
-    return redis.ConnectionError(f"interrupted by {exc!r}")
 
 
 def packed(command: Sequence[str | int | float | bytes]) -> bytes:
