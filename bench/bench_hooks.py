@@ -120,21 +120,16 @@ def run_round(
     """CPU and wall time per task, in µs, of tracing ``work``."""
     from celery.app.trace import build_tracer
 
+    from baton_celery import running
+
     task = app.tasks["bench.noop"]
     tracer = build_tracer(task.name, task, app=app, hostname="bench@host")
     cpu, wall = time.process_time(), time.perf_counter()
     for task_id, args, request in work:
         tracer(task_id, args, {}, request)
-    _collect()
+    running.collect()  # the replies of the settles sent without waiting (the watchdog's)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     return cpu / len(work) * 1e6, wall / len(work) * 1e6
-
-
-def _collect() -> None:
-    """Read the replies of the settles sent without waiting (the worker's watchdog would)."""
-    from baton_celery import running
-
-    running.collect()
 
 
 def main() -> None:
@@ -147,7 +142,6 @@ def main() -> None:
     options = parser.parse_args()
     receiving_revokes()
     with own_redis() as port:
-        apps = {name: make_app(port, name) for name in options.only or SCENARIOS}
         if options.profile:
             app = make_app(port, options.profile)
             run_round(app, messages(app, options.profile, options.tasks))  # warm up
@@ -157,6 +151,7 @@ def main() -> None:
             pstats.Stats(profile).sort_stats(options.sort).print_stats(45)
             return
         names = options.only or list(SCENARIOS)
+        apps = {name: make_app(port, name) for name in names}
         figures: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
         for number in range(options.rounds + 1):  # the first round warms up
             for name in names[number % len(names) :] + names[: number % len(names)]:
