@@ -10,7 +10,12 @@ measured.
   settle is sent without waiting for its reply);
 - fast path, waiting: the same steps when they have a dependent (each waits for its
   transition's reply: the released steps);
-- gated: ``baton_fast_begin = False`` (begin at task_prerun, settle at task_success).
+- gated: ``baton_fast_begin = False`` (begin at task_prerun, settle at task_success);
+- chain link: the first task of a Celery chain of two, baton not installed (the tracer
+  publishes the second);
+- sequence step: the first step of a workflow of two in sequence, on the fast path (its
+  settle's reply releases the second, which the hook publishes): what a sequence pays
+  per step where a chain pays a chain link.
 
 Each figure is CPU (``process_time``) and wall time per task, median of alternating
 rounds; ``--profile SCENARIO`` prints where that scenario's time goes instead.
@@ -37,13 +42,16 @@ sys.path.insert(0, str(HERE.parent))
 from _servers import own_redis  # noqa: E402
 
 WIDTH = 20
-#: scenario -> (baton installed, fast path, the steps have a dependent)
-SCENARIOS: dict[str, tuple[bool, bool, bool]] = {
-    "bare": (False, False, False),
-    "not a step": (True, False, False),
-    "leaf": (True, True, False),
-    "fast, waiting": (True, True, True),
-    "gated": (True, False, False),
+#: scenario -> (baton installed, fast path, what is published: one task or step each,
+#: WIDTH parallel steps with a dependent, or the first of two in sequence)
+SCENARIOS: dict[str, tuple[bool, bool, str]] = {
+    "bare": (False, False, "single"),
+    "not a step": (True, False, "single"),
+    "leaf": (True, True, "parallel"),
+    "fast, waiting": (True, True, "with dependent"),
+    "gated": (True, False, "parallel"),
+    "chain link": (False, False, "sequence"),
+    "sequence step": (True, True, "sequence"),
 }
 
 
@@ -85,19 +93,28 @@ def messages(
     (task id, args, request) the worker would hand the tracer."""
     from baton_celery import Workflow
 
-    _, _, dependent = SCENARIOS[scenario]
+    _, _, shape = SCENARIOS[scenario]
     with app.connection_for_write() as conn:  # the last round's released steps
         conn.SimpleQueue("hooks").clear()
     noop = app.signature("bench.noop")
-    if scenario in ("bare", "not a step"):
+    if shape == "single":
         for i in range(tasks):
             noop.clone(args=(i,)).apply_async()
+    elif shape == "sequence" and scenario == "chain link":
+        for i in range(tasks):
+            (noop.clone(args=(i, 0)) | noop.clone(args=(i, 1))).apply_async()
+    elif shape == "sequence":
+        for i in range(tasks):
+            flow = Workflow(label="hooks")
+            flow.add("first", noop.clone(args=(i, 0)))
+            flow.add("second", noop.clone(args=(i, 1)), deps=["first"])
+            flow.apply_async(app=app)
     else:
         for w in range(tasks // WIDTH):
             flow = Workflow(label="hooks")
             for i in range(WIDTH):
                 flow.add(f"s{i}", noop.clone(args=(w, i)))
-            if dependent:  # published only when every other step settled: not measured
+            if shape == "with dependent":  # released when all the others settled: not measured
                 flow.add("after", noop.clone(args=(w,)), deps=[f"s{i}" for i in range(WIDTH)])
             flow.apply_async(app=app)
     out = []
@@ -105,8 +122,9 @@ def messages(
         queue = conn.SimpleQueue("hooks")
         while len(out) < tasks:
             message = queue.get(timeout=5)
-            args, _kwargs, _embed = message.decode()
+            args, _kwargs, embed = message.decode()
             request = dict(message.headers, delivery_info={"redelivered": False}, is_eager=False)
+            request.update(embed)  # a chain's next tasks
             out.append((message.headers["id"], tuple(args), request))
             message.ack()
         queue.clear()

@@ -31,6 +31,7 @@ class Sent(NamedTuple):
     step: str
     args: tuple[Any, ...]  # the script's own arguments
     answered: Callable[[Transition], None]
+    awaited: bool = False  # its sender reads the reply at once (``RedisStore.run``)
 
 
 #: A send reads the waiting replies once this many are waiting.
@@ -59,7 +60,9 @@ class Unanswered:
 
     def send(self, command: Sequence[Any], sent: Sent) -> list[Answer]:
         """Send ``command`` (``sent`` awaits its reply); the earlier replies when it read
-        them first. If it could not be sent, ``sent`` is among them, as lost."""
+        them first. If it could not be sent, ``sent`` is among them, as lost. A ``sent``
+        that is ``awaited`` is among them in any case: its reply is read before the lock
+        is let go (read by another thread, it would reach its sender too late)."""
         payload = packed(command)  # first: a bad argument changes nothing
         with self._here():
             try:
@@ -67,6 +70,8 @@ class Unanswered:
                 self._sent.append(sent)  # before the send: a send cut short is accounted for
                 # No health check: it would read a PING's reply among the waiting ones.
                 self._connection.send_packed_command([payload], check_health=False)
+                if sent.awaited:
+                    self._read()
             except BaseException as exc:
                 queued = any(waiting is sent for waiting in self._sent)
                 lost = self._failed(exc)

@@ -23,7 +23,7 @@ from redis_servers import SHARED_REDIS_URL, LocalRedis, shared_redis_url, unique
 import baton_celery
 from baton_celery import running
 from baton_celery.events import StepUpdated
-from baton_celery.stores import store_from_url
+from baton_celery.stores import StoreError, store_from_url
 from baton_celery.stores.records import StepRecord, Transition, WorkflowRecord
 from baton_celery.stores.redis import RedisStore
 from baton_celery.stores.redis_unanswered import packed
@@ -304,3 +304,68 @@ def test_the_watchdog_and_a_process_on_its_way_out_read_the_replies(installed: A
     assert store._unanswered.waiting() == 0
     assert [settled(a)[-1] for a in answers] == [("b", "completed"), ("c", "completed")]
     assert answers[-1].finish is not None
+
+
+# --- a run whose reply its sender waits for (a step with dependents) ------------------
+
+
+def sequence(store: RedisStore) -> WorkflowRecord:
+    """``a`` settled (the run script loaded), then ``b`` → ``c``, and a leaf ``x``."""
+    wid = uuid.uuid4().hex
+
+    def step(name: str, *deps: str) -> StepRecord:
+        return StepRecord(name=name, task=f"t.{name}", job_id=f"{wid}:{name}", signature={},
+                          deps=deps, dispatch=0 if deps else 1)  # fmt: skip
+
+    record = WorkflowRecord(id=wid, label=None, created_at=0.0, steps={
+        "a": step("a"), "b": step("b"), "c": step("c", "b"), "x": step("x")})  # fmt: skip
+    store.create(record)
+    store.run(record.id, "a", 1, 0.0, "completed")
+    return record
+
+
+def test_a_waited_run_goes_on_the_stores_own_connection_after_the_unanswered(
+    own: RedisStore,
+) -> None:
+    """A run that waits goes out after the settles sent without waiting, on the same
+    connection: their replies are read with its own and handed on first."""
+    record = sequence(own)
+    answers: list[Transition] = []
+    own.run_unanswered(answers.append, record.id, "x", 1, 0.0, "completed")
+    out = own.run(record.id, "b", 1, 0.0, "completed")
+    assert [settled(a) for a in answers] == ran("x")
+    assert settled(out) == ran("b")[0]
+    assert [(r.name, r.dispatch, r.leaf) for r in out.released] == [("c", 1, True)]
+    assert own._unanswered is not None and own._unanswered.waiting() == 0
+
+
+def test_a_waited_run_refused_for_a_lost_script_hands_on_the_second(
+    store: RedisStore,
+) -> None:
+    """Redis forgot the script: the run is sent again the usual way, and its caller gets
+    that reply, the step it released with it."""
+    record = sequence(store)
+    store.client.script_flush()
+    out = store.run(record.id, "b", 1, 0.0, "completed")
+    assert settled(out) == ran("b")[0]
+    assert [r.name for r in out.released] == ["c"]
+
+
+def test_a_waited_run_sent_again_hands_on_what_changed_nothing(store: RedisStore) -> None:
+    """The second sending of a run that waits is handed on even when it changed nothing
+    (a settle sent without waiting would be dropped then): its caller needs an answer,
+    here that the step had already settled."""
+    record = sequence(store)
+    store.run(record.id, "b", 1, 0.0, "completed")
+    store.client.script_flush()
+    out = store.run(record.id, "b", 1, 0.0, "completed")
+    assert not out.applied and out.released == [] and list(out.events) == []
+
+
+def test_a_waited_run_that_cannot_be_sent_raises_a_store_error(
+    server: LocalRedis, store: RedisStore
+) -> None:
+    record = sequence(store)
+    server.stop()
+    with pytest.raises(StoreError, match="'b'"):
+        store.run(record.id, "b", 1, 0.0, "completed")
