@@ -36,7 +36,14 @@ def publish_step(app: Any, workflow_id: str, label: str | None, step: Released) 
     headers = dict(signature.options.get("headers") or {})
     ident = StepIdentity(workflow_id, label, step.name, step.dispatch, time.time(), step.leaf)
     headers[HEADER] = ident.header()
-    signature.apply_async(task_id=step.job_id, headers=headers)
+    try:
+        # One attempt without kombu's retry wrapper first: it costs a publish 15-30 us of
+        # CPU (bench/bench_hooks.py, "sequence step"), on every step baton publishes.
+        signature.apply_async(task_id=step.job_id, headers=headers, retry=False)
+    except Exception:
+        # Then as the app publishes (its task_publish_retry policy). As with that retry,
+        # a publish whose reply the broker lost may go out twice.
+        signature.apply_async(task_id=step.job_id, headers=headers)
 
 
 def _input(app: Any, workflow_id: str, incoming: Tail) -> Any:

@@ -8,10 +8,12 @@ import threading
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery, chain, chord, group, signals
+from redis_servers import LocalRedis
 
 import baton_celery
 from baton_celery import Workflow, WorkflowError, WorkflowHandle
@@ -465,3 +467,39 @@ def test_wait_wakes_up_when_another_thread_finishes_the_workflow(app: Celery) ->
     store_of(app).settle(wf.id, "a", "completed")
     thread.join(10)
     assert [e.outcome for e in got] == ["completed"]
+
+
+def test_a_step_whose_first_publish_fails_is_published_once_by_the_apps_retry(
+    tmp_path: Path,
+) -> None:
+    """A step goes out in one attempt without kombu's retry first; when that fails (the
+    broker is down), it is published the app's usual way, with its retry policy: here
+    the broker comes up just before that second attempt, and the step goes out once."""
+    broker = LocalRedis(tmp_path)
+    app = Celery(f"unit-workflow-{next(_counter)}", set_as_current=False)
+    app.conf.update(broker_url=broker.url, baton_store="memory://", task_ignore_result=True,
+                    task_default_queue="first-publish-fails")  # fmt: skip
+
+    @app.task(name="first-publish.noop", shared=False)
+    def noop() -> None:
+        return None
+
+    baton_celery.install(app)
+    attempts: list[str] = []
+
+    def attempted(sender: Any = None, **_: Any) -> None:
+        attempts.append(sender)
+        if len(attempts) == 2:  # the first failed: the broker is down
+            broker.start()
+
+    signals.before_task_publish.connect(attempted, weak=False)
+    try:
+        wf = Workflow()
+        wf.add("only", noop.si())
+        wf.apply_async(app=app)
+        assert attempts == ["first-publish.noop"] * 2
+        assert broker.client().llen("first-publish-fails") == 1
+    finally:
+        signals.before_task_publish.disconnect(attempted)
+        baton_celery.uninstall(app)
+        broker.stop()
