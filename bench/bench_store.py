@@ -113,17 +113,20 @@ def memory_per_step(store: RedisStore, n: int) -> tuple[float, float, float]:
 
 def cpu_per_transition(store: RedisStore, n: int = 2000) -> dict[str, float]:
     """Redis CPU per call (microseconds) of begin, settle, and run (the fast path's
-    begin and settle in one), on parallel steps."""
+    begin and settle in one), on parallel steps; and of a run that releases the next
+    step (a chain's)."""
     client = store.client
     spent: dict[str, float] = {}
-    made, fast = record("parallel", n), record("parallel", n)
-    store.create(made)
-    store.create(fast)
+    made, fast, chain = record("parallel", n), record("parallel", n), record("chain", n)
+    for each in (made, fast, chain):
+        store.create(each)
     for script, steps, call in (
         ("begin", made.steps, lambda name: store.begin(made.id, name, 1)),
         ("settle", made.steps, lambda name: store.settle(made.id, name, "completed")),
         ("run", fast.steps, lambda name: store.run(fast.id, name, 1, 0.001, "completed")),
-    ):
+        ("run, releasing the next", chain.steps,
+         lambda name: store.run(chain.id, name, 1, 0.001, "completed")),
+    ):  # fmt: skip
         call(next(iter(steps)))  # the script is loaded: EVALSHA from here on
         client.config_resetstat()
         for name in list(steps)[1:]:
@@ -171,7 +174,7 @@ def main() -> None:
                 print(f"  {shape:10s}" + "".join(f"{c:10.0f}" for c in costs) + f"   {spread:.2f}")
         print("\nRedis CPU per transition (INFO commandstats usec_per_call):")
         for script, usec in cpu_per_transition(store).items():
-            print(f"  {script:8s} {usec:6.1f} us")
+            print(f"  {script:24s} {usec:6.1f} us")
         print("\nRedis memory per step of a finished no-op workflow (MEMORY USAGE), bytes:")
         print("  steps   workflow keys   job index   total   one history event")
         for n in SIZES:
