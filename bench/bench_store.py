@@ -9,7 +9,8 @@ memory per step, and how fast a listener replays history.
 - Redis CPU per call of each transition script (INFO commandstats, usec_per_call).
 - Memory: MEMORY USAGE of a finished no-op workflow's keys (its history included) and
   of its job index entries, per step; and of one history entry.
-- Replay: events per second ``Store.history`` reads back, over 100 workflows.
+- Replay: events per second ``Store.history`` reads back, over 100 workflows; live: events
+  per second one listener delivers from the store's channel.
 
 Run: python bench/bench_store.py
 """
@@ -21,6 +22,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -154,6 +156,66 @@ def replay_rate(store: RedisStore, workflows: int = 100, width: int = 20) -> flo
     return best
 
 
+def _flood(port: int, channel: str, messages: int, width: int) -> None:
+    """Publish ``messages`` transitions' messages on the store's channel, as the scripts
+    write them: a header line, then the step's executing and completed events."""
+    import json
+
+    import redis
+
+    client = redis.Redis(port=port)
+    event = '["s",%d,"1764859200.123456","s%d","%s",1,false,false,"bench.noop","w:s%d"]'
+    pipe = client.pipeline(transaction=False)
+    for i in range(messages):
+        seq, step = 2 * (i % width), i % width
+        header = json.dumps([f"w{i // width}", None, "bench"])
+        lines = [
+            event % (seq + 1, step, "executing", step),
+            event % (seq + 2, step, "completed", step),
+        ]
+        pipe.publish(channel, "\n".join([header, *lines]))
+        if i % 500 == 499:
+            pipe.execute()
+    pipe.execute()
+
+
+def live_rate(port: int, messages: int = 20_000, width: int = 20) -> float:
+    """Events per second one listener delivers from the store's channel (a flood from
+    another process), to a receiver of every workflow."""
+    import multiprocessing
+    import threading
+
+    from celery import Celery
+
+    import baton_celery
+
+    app = Celery("bench-feed", set_as_current=False)
+    app.conf.baton_store = f"redis://127.0.0.1:{port}/0"
+    baton_celery.install(app)
+    got, done = [0], threading.Event()
+
+    def count(workflow_id: str, event: Any = None, **_: Any) -> None:
+        got[0] += 1
+        if got[0] == 2 * messages:
+            done.set()
+
+    baton_celery.subscribe_all(count)
+    listener = baton_celery.listen(app)
+    try:
+        assert listener.wait_ready(10)
+        started = time.perf_counter()
+        flood = multiprocessing.Process(target=_flood, args=(port, "baton:events", messages, width))
+        flood.start()
+        assert done.wait(120), f"{got[0]} of {2 * messages} events"
+        elapsed = time.perf_counter() - started
+        flood.join()
+    finally:
+        listener.stop()
+        baton_celery.unsubscribe_all(count)
+        baton_celery.uninstall(app)
+    return 2 * messages / elapsed
+
+
 def main() -> None:
     with own_redis() as port:
         store = store_from_url(f"redis://127.0.0.1:{port}/0", retention=60.0)
@@ -183,6 +245,9 @@ def main() -> None:
             print(f"  {n:>7,d}  {own:12.0f}  {jobs:10.0f}  {own + jobs:6.0f}  {event:10.0f}")
         print(f"\nReplay: {replay_rate(store):,.0f} events/s read back with history()")
         store.close()
+        print(
+            f"Live: {live_rate(port):,.0f} events/s one listener delivers from the store's channel"
+        )
 
 
 if __name__ == "__main__":
