@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from kombu.exceptions import OperationalError
+
 from .canvas import INPUT, RESULT, Tail, flatten
 from .identity import HEADER, StepIdentity
 from .runtime import runtime_for
@@ -36,14 +38,27 @@ def publish_step(app: Any, workflow_id: str, label: str | None, step: Released) 
     headers = dict(signature.options.get("headers") or {})
     ident = StepIdentity(workflow_id, label, step.name, step.dispatch, time.time(), step.leaf)
     headers[HEADER] = ident.header()
+    if not _retried(app, signature):
+        signature.apply_async(task_id=step.job_id, headers=headers)
+        return
     try:
         # One attempt without kombu's retry wrapper first: it costs a publish 15-30 us of
         # CPU (bench/bench_hooks.py, "sequence step"), on every step baton publishes.
         signature.apply_async(task_id=step.job_id, headers=headers, retry=False)
-    except Exception:
-        # Then as the app publishes (its task_publish_retry policy). As with that retry,
-        # a publish whose reply the broker lost may go out twice.
+    except (OperationalError, OSError):
+        # The broker refused it: then with the app's retry policy, what that attempt left
+        # out. As with that retry, a publish whose reply the broker lost may go out twice.
         signature.apply_async(task_id=step.job_id, headers=headers)
+
+
+def _retried(app: Any, signature: Any) -> bool:
+    """Whether the app would publish the step with its retry policy: not in eager mode
+    (no publish: the task runs at once, and may raise), nor when the app or the step's
+    own options turn the retry off."""
+    conf = app.conf
+    if conf.task_always_eager or not conf.task_publish_retry:
+        return False
+    return bool(signature.options.get("retry", True))
 
 
 def _input(app: Any, workflow_id: str, incoming: Tail) -> Any:

@@ -2,7 +2,8 @@
 a connection of their own in each process, whose replies are read together, by the send
 that finds :data:`READ_AFTER` of them waiting (one read of the socket for them all), and
 whenever :meth:`Unanswered.collect` is called (the fast path's watchdog, every tick; a
-pool process on its way out).
+pool process on its way out). A transition whose caller waits for its reply may use the
+same connection (:meth:`Unanswered.call`): it then reads the replies through its own.
 
 Redis runs a connection's commands in the order they were sent and replies in that
 order, so the replies waiting on the connection are read first-in, first-out. A reply
@@ -25,13 +26,13 @@ __all__ = ["Answer", "Sent", "Unanswered", "packed"]
 
 
 class Sent(NamedTuple):
-    """A transition sent without waiting: what repeating it and handing on its reply take."""
+    """A transition sent on the store's own connection: what repeating it and handing on
+    its reply take."""
 
     workflow_id: str
     step: str
     args: tuple[Any, ...]  # the script's own arguments
     answered: Callable[[Transition], None]
-    awaited: bool = False  # its sender reads the reply at once (``RedisStore.run``)
 
 
 #: A send reads the waiting replies once this many are waiting.
@@ -60,26 +61,44 @@ class Unanswered:
 
     def send(self, command: Sequence[Any], sent: Sent) -> list[Answer]:
         """Send ``command`` (``sent`` awaits its reply); the earlier replies when it read
-        them first. If it could not be sent, ``sent`` is among them, as lost. A ``sent``
-        that is ``awaited`` is among them in any case: its reply is read before the lock
-        is let go (read by another thread, it would reach its sender too late)."""
-        payload = packed(command)  # first: a bad argument changes nothing
+        them first. If it could not be sent, ``sent`` is among them, as lost."""
         with self._here():
-            try:
-                self._read(READ_AFTER)
-                self._sent.append(sent)  # before the send: a send cut short is accounted for
-                # No health check: it would read a PING's reply among the waiting ones.
-                self._connection.send_packed_command([payload], check_health=False)
-                if sent.awaited:
-                    self._read()
-            except BaseException as exc:
-                queued = any(waiting is sent for waiting in self._sent)
-                lost = self._failed(exc)
-                if not queued:  # no connection to be had: not sent either
-                    self._answers.append((sent, lost))
-                if lost is not exc:
-                    raise
-            return self._handed()
+            return self._send(packed(command), sent)
+
+    def call(self, command: Sequence[Any], sent: Sent) -> list[Answer] | None:
+        """Send ``command`` and read the replies through its own, all before the lock is
+        let go (read by another thread, its reply would reach its sender too late): the
+        replies, ``sent``'s last (or lost). None, and nothing sent, when another thread
+        holds the connection: a thread does not wait here for another's round trip.
+        A send or read cut short by another exception drops ``sent`` with the
+        connection: its caller has the exception."""
+        payload = packed(command)
+        lock = self._here()
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            return self._send(payload, sent, awaited=True)
+        finally:
+            lock.release()
+
+    def _send(self, payload: bytes, sent: Sent, awaited: bool = False) -> list[Answer]:
+        try:
+            self._read(READ_AFTER)
+            self._sent.append(sent)  # before the send: a send cut short is accounted for
+            # No health check: it would read a PING's reply among the waiting ones.
+            self._connection.send_packed_command([payload], check_health=False)
+            if awaited:
+                self._read()
+        except BaseException as exc:
+            queued = any(waiting is sent for waiting in self._sent)
+            lost = self._failed(exc)
+            if not queued:  # no connection to be had: not sent either
+                self._answers.append((sent, lost))
+            if lost is not exc:
+                if awaited:  # its caller has the exception: nobody else sends it again
+                    self._answers = [a for a in self._answers if a[0] is not sent]
+                raise
+        return self._handed()
 
     def collect(self) -> list[Answer]:
         """The replies of every transition sent so far (each read within the store's

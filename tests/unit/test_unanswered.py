@@ -23,7 +23,7 @@ from redis_servers import SHARED_REDIS_URL, LocalRedis, shared_redis_url, unique
 import baton_celery
 from baton_celery import running
 from baton_celery.events import StepUpdated
-from baton_celery.stores import StoreError, store_from_url
+from baton_celery.stores import StoreError, UnknownWorkflow, store_from_url
 from baton_celery.stores.records import StepRecord, Transition, WorkflowRecord
 from baton_celery.stores.redis import RedisStore
 from baton_celery.stores.redis_unanswered import packed
@@ -367,5 +367,59 @@ def test_a_waited_run_that_cannot_be_sent_raises_a_store_error(
 ) -> None:
     record = sequence(store)
     server.stop()
-    with pytest.raises(StoreError, match="'b'"):
+    with pytest.raises(StoreError, match="ConnectionError"):
         store.run(record.id, "b", 1, 0.0, "completed")
+
+
+def test_a_waited_run_of_an_unknown_workflow_says_so(own: RedisStore) -> None:
+    """On the store's own connection as through redis-py: an unknown workflow (or one
+    past its retention) is UnknownWorkflow, an unknown step a KeyError."""
+    record = sequence(own)
+    with pytest.raises(UnknownWorkflow):
+        own.run(uuid.uuid4().hex, "b", 1, 0.0, "completed")
+    with pytest.raises(KeyError):
+        own.run(record.id, "nope", 1, 0.0, "completed")
+
+
+def test_a_waited_run_does_not_wait_for_another_threads_round_trip(own: RedisStore) -> None:
+    """Another thread holds the store's own connection (its run's reply on the way): the
+    run goes through redis-py's pool at once instead of queueing behind it."""
+    record = sequence(own)
+    unanswered = own._unanswered
+    assert unanswered is not None
+    answers: list[Transition] = []
+    own.run_unanswered(answers.append, record.id, "x", 1, 0.0, "completed")
+    outs: list[Transition] = []
+    with unanswered._here():  # the other thread, mid-call
+        task = threading.Thread(
+            target=lambda: outs.append(own.run(record.id, "b", 1, 0.0, "completed"))
+        )
+        task.start()
+        task.join(10)
+        assert not task.is_alive(), "the run waited for the other thread's round trip"
+    assert [r.name for r in outs[0].released] == ["c"]
+    assert answers == [] and unanswered.waiting() == 1  # x's reply is still to be read
+    own.collect()
+    assert [settled(a) for a in answers] == ran("x")
+
+
+def test_a_waited_run_cut_short_leaves_nothing_for_another_to_send(
+    server: LocalRedis, store: RedisStore
+) -> None:
+    """A soft time limit lands while the task's thread waits for its run's reply: the
+    exception reaches the task's thread, and the run is not handed to whoever reads the
+    connection next (its released steps would be lost there)."""
+    unanswered = store._unanswered
+    assert unanswered is not None
+    record = sequence(store)
+    server.client().client_pause(1500, all=True)
+    previous = signal.signal(signal.SIGALRM, _cut_short)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(SoftTimeLimitExceeded):
+            store.run(record.id, "b", 1, 0.0, "completed")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert unanswered.waiting() == 0
+    assert unanswered.collect() == []

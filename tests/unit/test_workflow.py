@@ -503,3 +503,22 @@ def test_a_step_whose_first_publish_fails_is_published_once_by_the_apps_retry(
         signals.before_task_publish.disconnect(attempted)
         baton_celery.uninstall(app)
         broker.stop()
+
+
+def test_an_eager_step_that_raises_runs_once(app: Celery) -> None:
+    """Eager mode with propagation: publishing a step runs it and raises what it raised;
+    baton settles it discarded and does not publish it again."""
+    app.conf.update(task_always_eager=True, task_eager_propagates=True)
+    runs: list[str] = []
+
+    @app.task(name=f"{app.main}.boom", shared=False)
+    def boom() -> None:
+        runs.append("boom")
+        raise ValueError("boom")
+
+    wf = Workflow()
+    wf.add("a", task(app, "noop").si())
+    wf.add("b", boom.si(), deps=["a"])
+    handle = wf.apply_async(app=app)
+    assert runs == ["boom"]
+    assert handle.status().steps["b"].state == "discarded"
