@@ -180,9 +180,43 @@ class RedisStore(RedisIndex, Store):
     def _transition(
         self, script: str, workflow_id: str, step: str | None, *args: Any
     ) -> Transition:
-        """Run a transition script; its reply as a Transition (index kept on a cluster)."""
+        """Run a transition script; its reply as a Transition (index kept on a cluster).
+
+        Once the script ran here, on the connection of the settles sent without waiting
+        (when no other thread of this process has it), packed by the store: ~30 us less
+        of the client's time than redis-py's general path (bench/bench_hooks.py)."""
+        if self._unanswered is not None and script in self._loaded:
+            sent = Sent(workflow_id, step, args, _unused)
+            answers = self._unanswered.call(self._command(script, workflow_id, args), sent)
+            if answers is not None:  # None: another thread has the connection
+                self._answer([a for a in answers if a[0] is not sent])
+                reply = next(r for s, r in answers if s is sent)
+                return self._awaited(script, sent, reply)
+        return self._usual(script, workflow_id, step, *args)
+
+    def _usual(self, script: str, workflow_id: str, step: str | None, *args: Any) -> Transition:
+        """A transition through redis-py's pool (EVAL when the script is not loaded)."""
         reply = self._run(script, workflow_id, *self._prelude_args(workflow_id), *args)
         return self._decoded(workflow_id, step, reply)
+
+    def _awaited(self, script: str, sent: Sent, reply: Any) -> Transition:
+        """A waited-for transition's reply as a Transition. Sent again the usual way only
+        when it surely did not run: Redis lost the script, or the connection failed (as
+        the store's retry does); after a timeout it may have run, and is not."""
+        import redis
+
+        if isinstance(reply, redis.exceptions.NoScriptError) or (
+            isinstance(reply, redis.ConnectionError) and not isinstance(reply, redis.TimeoutError)
+        ):
+            return self._usual(script, sent.workflow_id, sent.step, *sent.args)
+        if isinstance(reply, Exception):
+            raise StoreError(f"redis store: {type(reply).__name__}: {reply}") from reply
+        return self._decoded(sent.workflow_id, sent.step, reply)
+
+    def _command(self, script: str, workflow_id: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        base = self._base(workflow_id)
+        return ("EVALSHA", SCRIPTS[script].sha, 1, base + "m", base,
+                *self._prelude_args(workflow_id), *args)  # fmt: skip
 
     def _decoded(self, workflow_id: str, step: str | None, reply: Any) -> Transition:
         out, jobs = decode_transition(workflow_id, self._checked(reply, workflow_id, step))
@@ -247,31 +281,7 @@ class RedisStore(RedisIndex, Store):
         error: str | None = None,
     ) -> Transition:
         args = _run_args(step, dispatch, ran_for, state, has_result, result, error)
-        if self._unsent_ready():
-            # On the connection of the settles sent without waiting, packed by the store:
-            # ~30 us less of the client's time than redis-py's general path
-            # (bench/bench_hooks.py, "sequence step").
-            assert self._unanswered is not None
-            sent = Sent(workflow_id, step, args, _unused)
-            answers = self._unanswered.call(self._run_command(workflow_id, args), sent)
-            if answers is not None:  # None: another thread has the connection
-                self._answer([a for a in answers if a[0] is not sent])
-                return self._awaited(sent, next(r for s, r in answers if s is sent))
         return self._transition("run", workflow_id, step, *args)
-
-    def _awaited(self, sent: Sent, reply: Any) -> Transition:
-        """A waited-for run's reply as a Transition. Sent again the usual way only when
-        it surely did not run: Redis lost the script, or the connection failed (as the
-        store's retry does); after a timeout it may have run, and is not."""
-        import redis
-
-        if isinstance(reply, redis.exceptions.NoScriptError) or (
-            isinstance(reply, redis.ConnectionError) and not isinstance(reply, redis.TimeoutError)
-        ):
-            return self._transition("run", sent.workflow_id, sent.step, *sent.args)
-        if isinstance(reply, Exception):
-            raise StoreError(f"redis store: {type(reply).__name__}: {reply}") from reply
-        return self._decoded(sent.workflow_id, sent.step, reply)
 
     def run_unanswered(
         self,
@@ -292,7 +302,7 @@ class RedisStore(RedisIndex, Store):
             return
         assert self._unanswered is not None
         sent = Sent(workflow_id, step, args, answered)
-        self._answer(self._unanswered.send(self._run_command(workflow_id, args), sent))
+        self._answer(self._unanswered.send(self._command("run", workflow_id, args), sent))
 
     def _unsent_ready(self) -> bool:
         """Whether a run may go on the connection of the transitions sent without
@@ -300,11 +310,6 @@ class RedisStore(RedisIndex, Store):
         finish), nor before the script ran once here (EVAL loads it: EVALSHA may then be
         sent)."""
         return self._unanswered is not None and "run" in self._loaded
-
-    def _run_command(self, workflow_id: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        base = self._base(workflow_id)
-        return ("EVALSHA", SCRIPTS["run"].sha, 1, base + "m", base,
-                *self._prelude_args(workflow_id), *args)  # fmt: skip
 
     def collect(self) -> None:
         if self._unanswered is not None:
@@ -330,7 +335,7 @@ class RedisStore(RedisIndex, Store):
                     if away is not None:
                         raise away
                     try:
-                        out = self._transition("run", sent.workflow_id, sent.step, *sent.args)
+                        out = self._usual("run", sent.workflow_id, sent.step, *sent.args)
                     except StoreError as exc:
                         if isinstance(exc.__cause__, (redis.ConnectionError, redis.TimeoutError)):
                             away = exc

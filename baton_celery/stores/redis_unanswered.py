@@ -30,7 +30,7 @@ class Sent(NamedTuple):
     its reply take."""
 
     workflow_id: str
-    step: str
+    step: str | None  # None: a transition of the whole workflow (a cancel)
     args: tuple[Any, ...]  # the script's own arguments
     answered: Callable[[Transition], None]
 

@@ -423,3 +423,17 @@ def test_a_waited_run_cut_short_leaves_nothing_for_another_to_send(
         signal.signal(signal.SIGALRM, previous)
     assert unanswered.waiting() == 0
     assert unanswered.collect() == []
+
+
+def test_every_transition_once_loaded_goes_after_the_unanswered(own: RedisStore) -> None:
+    """A begin (like every transition, once its script ran here) goes on the store's own
+    connection after the settles sent without waiting: Redis runs them in that order, so
+    the begin of a step that a settle sent before it released finds it released."""
+    record = sequence(own)
+    own.begin(record.id, "x", 1)  # the begin script has run once here
+    answers: list[Transition] = []
+    own.run_unanswered(answers.append, record.id, "b", 1, 0.0, "completed")
+    out = own.begin(record.id, "c", 1)
+    assert [settled(a) for a in answers] == ran("b")
+    assert out.decision == "run" and settled(out) == [("c", "executing")]
+    assert own._unanswered is not None and own._unanswered.waiting() == 0
