@@ -61,7 +61,9 @@ class RedisStore(RedisIndex, Store):
 
     A call of a client made from a URL that fails on the connection is retried once (a
     connection closed by a Redis restart); a timed-out reply is not, since the script may
-    have run. A ready client keeps its own retry policy.
+    have run. A ready client keeps its own retry policy, but for the transitions that go on
+    the store's own connection in a process that sends settles without waiting (see
+    :meth:`_transition`).
 
     A workflow is not one blob but a few small keys, so a transition reads and writes only
     the step it is about, the dependents it releases or cancels, and the counters::
@@ -182,16 +184,27 @@ class RedisStore(RedisIndex, Store):
     ) -> Transition:
         """Run a transition script; its reply as a Transition (index kept on a cluster).
 
-        Once the script ran here, on the connection of the settles sent without waiting
-        (when no other thread of this process has it), packed by the store: ~30 us less
-        of the client's time than redis-py's general path (bench/bench_hooks.py)."""
-        if self._unanswered is not None and script in self._loaded:
-            sent = Sent(workflow_id, step, args, _unused)
-            answers = self._unanswered.call(self._command(script, workflow_id, args), sent)
-            if answers is not None:  # None: another thread has the connection
-                self._answer([a for a in answers if a[0] is not sent])
+        In a process that sends settles without waiting (a worker's pool process), once
+        the script ran here: on their connection, when no other thread of the process
+        has it, packed by the store: ~30 us less of the client's time than redis-py's
+        general path (bench/bench_hooks.py). There, neither redis-py's health check nor
+        a ready client's own retry policy applies (see :meth:`_awaited`)."""
+        unanswered = self._unanswered
+        if unanswered is not None and script in self._loaded:
+            sent = Sent(workflow_id, step, args, _taken_by_caller)
+            answers = unanswered.call(self._command(script, workflow_id, args), sent)
+            if answers is not None:  # None: not open here, or another thread has it
+                earlier = [a for a in answers if a[0] is not sent]
                 reply = next(r for s, r in answers if s is sent)
-                return self._awaited(script, sent, reply)
+                if isinstance(reply, Exception):
+                    # The connection failed: the caller waits for its own transition
+                    # only; the watchdog's next tick sends the lost earlier ones again.
+                    unanswered.hand_back(earlier)
+                    return self._awaited(script, sent, reply)
+                try:
+                    return self._awaited(script, sent, reply)
+                finally:
+                    self._answer(earlier)
         return self._usual(script, workflow_id, step, *args)
 
     def _usual(self, script: str, workflow_id: str, step: str | None, *args: Any) -> Transition:
@@ -453,8 +466,9 @@ class RedisStore(RedisIndex, Store):
         return {k: text(v) for k, v in found if v is not None}
 
 
-def _unused(out: Transition) -> None:
-    """The ``answered`` of a run whose caller takes its reply itself."""
+def _taken_by_caller(out: Transition) -> None:
+    """The ``answered`` of a transition whose caller takes its reply itself (never
+    called: :meth:`RedisStore._transition` reads that reply)."""
 
 
 def _run_args(

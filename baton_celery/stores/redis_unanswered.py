@@ -44,7 +44,8 @@ Answer = tuple[Sent, Any]
 
 class Unanswered:
     """One connection (made from ``pool``, outside it) for the transitions sent without
-    waiting, and the transitions whose replies are still on it. Thread-safe.
+    waiting (and, once it is open, the ones a caller waits for: :meth:`call`), and the
+    transitions whose replies are still on it. Thread-safe.
 
     A transition whose reply can no longer be read on the connection is handed back as
     lost (with the exception that lost it), to be sent again: one whose send or read an
@@ -68,18 +69,26 @@ class Unanswered:
     def call(self, command: Sequence[Any], sent: Sent) -> list[Answer] | None:
         """Send ``command`` and read the replies through its own, all before the lock is
         let go (read by another thread, its reply would reach its sender too late): the
-        replies, ``sent``'s last (or lost). None, and nothing sent, when another thread
-        holds the connection: a thread does not wait here for another's round trip.
-        A send or read cut short by another exception drops ``sent`` with the
-        connection: its caller has the exception."""
+        replies, ``sent``'s among them (or lost). None, and nothing sent, when this
+        process has not opened the connection (a process that sends nothing without
+        waiting keeps to the client's pool) or another thread holds it: a thread does
+        not wait here for another's round trip. A send or read cut short by another
+        exception drops ``sent`` with the connection: its caller has the exception."""
         payload = packed(command)
         lock = self._here()
         if not lock.acquire(blocking=False):
             return None
         try:
+            if self._connection is None:
+                return None
             return self._send(payload, sent, awaited=True)
         finally:
             lock.release()
+
+    def hand_back(self, answers: list[Answer]) -> None:
+        """Keep ``answers`` for whoever reads the connection next (the watchdog's tick)."""
+        with self._here():
+            self._answers.extend(answers)
 
     def _send(self, payload: bytes, sent: Sent, awaited: bool = False) -> list[Answer]:
         try:

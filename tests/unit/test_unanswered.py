@@ -310,7 +310,8 @@ def test_the_watchdog_and_a_process_on_its_way_out_read_the_replies(installed: A
 
 
 def sequence(store: RedisStore) -> WorkflowRecord:
-    """``a`` settled (the run script loaded), then ``b`` → ``c``, and a leaf ``x``."""
+    """``a`` settled (the run script loaded) and ``y`` settled without waiting (the
+    store's own connection open), then ``b`` → ``c``, and a leaf ``x``."""
     wid = uuid.uuid4().hex
 
     def step(name: str, *deps: str) -> StepRecord:
@@ -318,9 +319,12 @@ def sequence(store: RedisStore) -> WorkflowRecord:
                           deps=deps, dispatch=0 if deps else 1)  # fmt: skip
 
     record = WorkflowRecord(id=wid, label=None, created_at=0.0, steps={
-        "a": step("a"), "b": step("b"), "c": step("c", "b"), "x": step("x")})  # fmt: skip
+        "a": step("a"), "b": step("b"), "c": step("c", "b"), "x": step("x"),
+        "y": step("y")})  # fmt: skip
     store.create(record)
     store.run(record.id, "a", 1, 0.0, "completed")
+    store.run_unanswered(lambda out: None, record.id, "y", 1, 0.0, "completed")
+    store.collect()
     return record
 
 
@@ -427,8 +431,8 @@ def test_a_waited_run_cut_short_leaves_nothing_for_another_to_send(
 
 def test_every_transition_once_loaded_goes_after_the_unanswered(own: RedisStore) -> None:
     """A begin (like every transition, once its script ran here) goes on the store's own
-    connection after the settles sent without waiting: Redis runs them in that order, so
-    the begin of a step that a settle sent before it released finds it released."""
+    connection after the settles sent without waiting, so Redis runs them in that order:
+    here the begin of a step that a settle sent before it released finds it released."""
     record = sequence(own)
     own.begin(record.id, "x", 1)  # the begin script has run once here
     answers: list[Transition] = []
@@ -437,3 +441,58 @@ def test_every_transition_once_loaded_goes_after_the_unanswered(own: RedisStore)
     assert [settled(a) for a in answers] == ran("b")
     assert out.decision == "run" and settled(out) == [("c", "executing")]
     assert own._unanswered is not None and own._unanswered.waiting() == 0
+
+
+TRANSITIONS = {
+    "begin": lambda store, wid: store.begin(wid, "x", 1),
+    "retrying": lambda store, wid: store.retrying(wid, "x", "E: x"),
+    "settle": lambda store, wid: store.settle(wid, "x", "discarded", error="E: x"),
+    "cancel": lambda store, wid: store.cancel(wid),
+}
+
+
+def loaded_everywhere(store: RedisStore) -> WorkflowRecord:
+    """A workflow whose step ``x`` is executing, on a store whose own connection is open
+    and which has run every transition script once."""
+    other = sequence(store)
+    store.begin(other.id, "x", 1)
+    store.retrying(other.id, "x", None)
+    store.settle(other.id, "x", "completed")
+    store.cancel(other.id)
+    record = sequence(store)
+    store.begin(record.id, "x", 1)
+    return record
+
+
+@pytest.mark.parametrize("name", list(TRANSITIONS))
+def test_a_transition_refused_for_a_lost_script_applies_once(store: RedisStore, name: str) -> None:
+    """On the store's own connection, Redis having forgotten the script: sent again the
+    usual way, applied once, and its reply is the caller's."""
+    record = loaded_everywhere(store)
+    before = len(store.history(record.id))
+    store.client.script_flush()
+    out = TRANSITIONS[name](store, record.id)
+    assert out.applied
+    history = store.history(record.id)
+    assert [e.seq for e in history] == list(range(1, len(history) + 1))
+    assert len(history) == before + len(out.events)
+
+
+@pytest.mark.parametrize("name", list(TRANSITIONS))
+def test_a_transition_of_an_unknown_workflow_says_so(own: RedisStore, name: str) -> None:
+    loaded_everywhere(own)
+    with pytest.raises(UnknownWorkflow):
+        TRANSITIONS[name](own, uuid.uuid4().hex)
+
+
+def test_a_transition_in_a_process_that_sends_nothing_unanswered_keeps_to_the_pool(
+    own: RedisStore,
+) -> None:
+    """A process that never sent a settle without waiting (a web app's cancels, the
+    backstop) opens no connection of the store's own: its transitions go through the
+    client's pool, with its health checks and retry policy."""
+    record = flat("a", "b")
+    own.create(record)
+    for name in "ab":
+        own.run(record.id, name, 1, 0.0, "completed")
+    assert own._unanswered is not None and own._unanswered._connection is None
