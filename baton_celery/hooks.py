@@ -309,11 +309,16 @@ def on_task_revoked(ref: StepRef, sender: Any, kwargs: dict[str, Any]) -> None:
 
 
 def on_worker_init(sender: Any = None, **_: Any) -> None:
-    """Refuse loudly a store that the prefork pool's processes cannot share."""
+    """Tell the store it serves a worker's tasks (the pool's processes are forked from
+    this one), and refuse loudly a store that the prefork pool's processes cannot
+    share."""
     try:
         app = getattr(sender, "app", None)
         runtime = runtime_for(app) if app is not None else None
-        if runtime is None or runtime.store.shared_across_processes:
+        if runtime is None:
+            return
+        runtime.store.serves_tasks()
+        if runtime.store.shared_across_processes:
             return
         if _is_prefork(getattr(sender, "pool_cls", None)):
             logger.error(MEMORY_UNDER_PREFORK, runtime.config.store)

@@ -75,7 +75,8 @@ def make_app(port: int, scenario: str) -> Any:
     if installed:
         app.conf.baton_store = f"redis://127.0.0.1:{port}/0"
         app.conf.baton_fast_begin = fast
-        baton_celery.install(app)
+        runtime = baton_celery.install(app)
+        runtime.store.serves_tasks()  # as worker_init tells it in a worker
     return app
 
 

@@ -199,6 +199,10 @@ class Store(abc.ABC):
         """Read the replies of the transitions :meth:`run_unanswered` sent, if any, and
         hand them on (waits no longer than the store's timeout for each)."""
 
+    def serves_tasks(self) -> None:  # noqa: B027 - optional hook
+        """This process is a worker's (and its pool's, forked from it): the store may
+        keep a connection open for the tasks' transitions."""
+
     def release_thread(self) -> None:  # noqa: B027 - optional hook
         """The calling thread is done with the store for now (the fast path's watchdog,
         after a begin): a store with a connection per thread closes this thread's."""

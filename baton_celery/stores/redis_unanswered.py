@@ -59,6 +59,9 @@ class Unanswered:
         self._connection: Any = None
         self._sent: deque[Sent] = deque()
         self._answers: list[Answer] = []  # read, or lost, and not yet handed back
+        #: Whether :meth:`call` may open the connection (a worker's process); else only
+        #: a process that sent something without waiting has it open.
+        self.opens_on_call = False
 
     def send(self, command: Sequence[Any], sent: Sent) -> list[Answer]:
         """Send ``command`` (``sent`` awaits its reply); the earlier replies when it read
@@ -69,17 +72,17 @@ class Unanswered:
     def call(self, command: Sequence[Any], sent: Sent) -> list[Answer] | None:
         """Send ``command`` and read the replies through its own, all before the lock is
         let go (read by another thread, its reply would reach its sender too late): the
-        replies, ``sent``'s among them (or lost). None, and nothing sent, when this
-        process has not opened the connection (a process that sends nothing without
-        waiting keeps to the client's pool) or another thread holds it: a thread does
-        not wait here for another's round trip. A send or read cut short by another
+        replies, ``sent``'s among them (or lost). None, and nothing sent, when the
+        connection is not open and :attr:`opens_on_call` is off (a web app's cancels,
+        the backstop: they keep to the client's pool), or when another thread holds it:
+        a thread does not wait here for another's round trip. A send or read cut short by another
         exception drops ``sent`` with the connection: its caller has the exception."""
         payload = packed(command)
         lock = self._here()
         if not lock.acquire(blocking=False):
             return None
         try:
-            if self._connection is None:
+            if self._connection is None and not self.opens_on_call:
                 return None
             return self._send(payload, sent, awaited=True)
         finally:

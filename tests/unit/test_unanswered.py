@@ -496,3 +496,24 @@ def test_a_transition_in_a_process_that_sends_nothing_unanswered_keeps_to_the_po
     for name in "ab":
         own.run(record.id, name, 1, 0.0, "completed")
     assert own._unanswered is not None and own._unanswered._connection is None
+
+
+def test_a_workers_transitions_open_the_stores_own_connection(own: RedisStore) -> None:
+    """In a worker (worker_init tells the store it serves tasks, before the pool forks),
+    a transition opens the store's own connection once its script ran: a worker that
+    runs only steps with dependents, or gated ones, takes that path too."""
+    own.serves_tasks()
+    record = flat("a", "b")
+    own.create(record)
+    own.run(record.id, "a", 1, 0.0, "completed")  # through the pool: EVAL loads the script
+    assert own._unanswered is not None and own._unanswered._connection is None
+    out = own.run(record.id, "b", 1, 0.0, "completed")
+    assert own._unanswered._connection is not None
+    assert out.finish is not None and settled(out) == ran("b")[0]
+
+
+def test_worker_init_tells_the_store_it_serves_tasks(installed: Any) -> None:
+    signals.worker_init.send(
+        sender=type("Worker", (), {"app": installed.app, "pool_cls": "prefork"})()
+    )
+    assert installed.store._unanswered.opens_on_call
