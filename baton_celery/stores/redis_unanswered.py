@@ -75,8 +75,8 @@ class Unanswered:
         replies, ``sent``'s among them (or lost). None, and nothing sent, when the
         connection is not open and :attr:`opens_on_call` is off (a web app's cancels,
         the backstop: they keep to the client's pool), or when another thread holds it:
-        a thread does not wait here for another's round trip. A send or read cut short by another
-        exception drops ``sent`` with the connection: its caller has the exception."""
+        a thread does not wait here for another's round trip. A send or read cut short
+        by another exception drops ``sent`` with the connection: its caller has it."""
         payload = packed(command)
         lock = self._here()
         if not lock.acquire(blocking=False):
